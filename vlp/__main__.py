@@ -1,0 +1,3 @@
+from vlp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Shard writing and verification, the streaming pipeline, built-in datasets."""

@@ -1,0 +1,1 @@
+"""Distributed init, collectives, the gradient-cached step, DeepSpeed wiring, checkpoints."""

@@ -1,0 +1,156 @@
+"""Atomic, rank-aware checkpoints on top of DeepSpeed's, and loading a run for eval/export.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    step_00000100/            DeepSpeed files (sharded per rank at ZeRO>0),
+                              rng_rank{r}.pt per rank, model.safetensors (full weights)
+    latest                    text file naming the newest *complete* tag
+
+A checkpoint is written under ``step_N.tmp`` and renamed to ``step_N`` by rank 0 only
+after every rank has finished writing (barrier), then ``latest`` is replaced
+atomically. A crash at any point leaves either the previous complete checkpoint or the
+new one behind ``latest``, never a partial one; stale ``*.tmp`` folders are removed at
+the next start.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import shutil
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlp.engine import dist
+
+MODEL_FILE = "model.safetensors"
+
+
+def ckpt_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def latest_tag(run_dir: str) -> Optional[str]:
+    path = os.path.join(ckpt_dir(run_dir), "latest")
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    return tag if os.path.isdir(os.path.join(ckpt_dir(run_dir), tag)) else None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clean_partial(run_dir: str) -> None:
+    """Remove ``*.tmp`` checkpoint folders left by a crash (rank 0)."""
+    if dist.rank() == 0:
+        for path in glob.glob(os.path.join(ckpt_dir(run_dir), "*.tmp")):
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def full_state_dict(engine) -> Dict[str, torch.Tensor]:
+    """The whole module state dict on every rank (gathers partitioned ZeRO-3 params)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2) -> str:
+    root = ckpt_dir(run_dir)
+    tag = f"step_{step:08d}"
+    tmp = f"{tag}.tmp"
+    if dist.rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(os.path.join(root, tmp), ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tmp, client_state=client_state, save_latest=False)
+    weights = full_state_dict(engine)
+    torch.save(_rng_state(), os.path.join(root, tmp, f"rng_rank{dist.rank()}.pt"))
+    if dist.rank() == 0:
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(root, tmp, MODEL_FILE))
+    dist.barrier()  # every rank's shard is on disk before the checkpoint becomes visible
+    if dist.rank() == 0:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        os.replace(os.path.join(root, tmp), os.path.join(root, tag))
+        _write_atomic(os.path.join(root, "latest"), tag)
+        _prune(root, keep)
+    dist.barrier()
+    return tag
+
+
+def _prune(root: str, keep: int) -> None:
+    tags = sorted(p for p in os.listdir(root) if p.startswith("step_") and not p.endswith(".tmp"))
+    for tag in tags[: max(0, len(tags) - keep)]:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+
+
+def load(engine, run_dir: str) -> Optional[Dict[str, Any]]:
+    """Restore engine (model, optimizer, scheduler) and RNG from ``latest``; its client state."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(
+        ckpt_dir(run_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir(run_dir)}")
+    rng = os.path.join(ckpt_dir(run_dir), tag, f"rng_rank{dist.rank()}.pt")
+    if os.path.isfile(rng):  # absent when resuming with more ranks than were saved
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client_state
+
+
+def find_weights(run_or_file: str) -> Tuple[str, str]:
+    """(model.safetensors path, run dir) for a run dir, a checkpoint tag dir or the file."""
+    if os.path.isfile(run_or_file):
+        tag_dir = os.path.dirname(os.path.abspath(run_or_file))
+        return run_or_file, os.path.dirname(os.path.dirname(tag_dir))
+    if os.path.isfile(os.path.join(run_or_file, MODEL_FILE)):
+        return os.path.join(run_or_file, MODEL_FILE), os.path.dirname(os.path.dirname(os.path.abspath(run_or_file)))
+    tag = latest_tag(run_or_file)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint in {run_or_file} (expected checkpoints/latest)")
+    return os.path.join(ckpt_dir(run_or_file), tag, MODEL_FILE), run_or_file
+
+
+def load_model_from_run(run_or_file: str, device: str = "cpu"):
+    """(cfg, model, tokenizer, eval_transform) of a finished or running run, in eval mode."""
+    from vlp.config import load_config
+    from vlp.models import build_tokenizer, build_transforms, create_model
+
+    weights, run_dir = find_weights(run_or_file)
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    model = create_model(cfg.model, load_weights=False)  # the run's weights replace any init
+    model.load_state_dict(load_file(weights), strict=True)
+    model.to(device).eval()
+    _, eval_transform = build_transforms(cfg.model, model)
+    return cfg, model, build_tokenizer(cfg.model, model), eval_transform

@@ -1,0 +1,126 @@
+"""Process-group setup from any launcher, and the collectives the objectives use.
+
+Launchers set different variables; ``env_info`` reads them in this order:
+torchrun/deepspeed/accelerate (RANK, LOCAL_RANK, WORLD_SIZE), SLURM (SLURM_PROCID,
+SLURM_LOCALID, SLURM_NTASKS), OpenMPI (OMPI_COMM_WORLD_*). No launcher: one process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    env = os.environ
+    for r, lr, w in (
+        ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+        ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ):
+        if r in env and w in env:
+            return DistInfo(int(env[r]), int(env.get(lr, 0)), int(env[w]))
+    return DistInfo()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Initialise torch.distributed for this process (idempotent); returns its DistInfo.
+
+    A single process with no launcher still gets a 1-rank group, because DeepSpeed is
+    the engine of every run. Variables are normalised to RANK/LOCAL_RANK/WORLD_SIZE so
+    that DeepSpeed sees the same rank whichever launcher started us.
+    """
+    info = env_info()
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), info.local_rank, dist.get_world_size())
+    os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size))
+    if info.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "MASTER_ADDR" not in os.environ:
+        raise ValueError("MASTER_ADDR is not set; launch with torchrun, deepspeed or srun (see launch/)")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(
+        backend=backend,
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return info
+
+
+def device_for(info: DistInfo) -> torch.device:
+    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (B, ...) from every rank into (W*B, ...), rank-major.
+
+    Differentiable: the backward sums each rank's gradient of the gathered tensor and
+    returns this rank's slice (a reduce-scatter), so a loss over local rows of the
+    global batch gets the full gradient once the engine averages parameter grads.
+    Every rank must pass the same B.
+    """
+    if world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

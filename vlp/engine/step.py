@@ -1,0 +1,133 @@
+"""The training step: one pass, or gradient-cached over chunks (DESIGN.md, section 3).
+
+Cached step for a local batch of b samples split into K chunks:
+1. each chunk: save RNG, encode without grad -> representations (b_k, D);
+2. the objective's cross-sample loss on the cached representations (it gathers across
+   ranks itself); its gradient w.r.t. local representations and per-step scalars
+   (logit scale/bias) is kept;
+3. each chunk: restore RNG (same dropout/drop-path masks), encode with grad and
+   backpropagate <reps, cached grad> + the chunk's per-sample loss; the scalars'
+   cached gradient is applied once (chunk 0), not once per chunk;
+4. one optimizer step. Gradient reduction across ranks happens once: under
+   ``engine.no_sync()`` for ZeRO-0 and ``engine.coalesce_grad_reduction()`` for ZeRO 1-3.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List
+
+import torch
+
+from vlp.objectives.base import Objective
+
+Batch = Dict[str, object]
+MODEL_INPUTS = ("image", "text", "audio")
+
+
+def _rng_get():
+    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _rng_set(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def model_inputs(batch: Batch, device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+
+
+def split(batch: Batch, chunk_size: int) -> List[Batch]:
+    n = len(batch["image"] if "image" in batch else next(iter(batch.values())))
+    return [
+        {k: v[i : i + chunk_size] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
+        for i in range(0, n, chunk_size)
+    ]
+
+
+class Step:
+    """Callable: ``step(batch) -> {name: float}``; does forward, backward and optimizer step."""
+
+    def __init__(self, engine, objective: Objective, device: torch.device, chunk_size: int = 0):
+        self.engine = engine
+        self.objective = objective
+        self.device = device
+        self.chunk_size = chunk_size
+
+    def __call__(self, batch: Batch) -> Dict[str, float]:
+        n = len(batch["image"] if "image" in batch else batch["text"])
+        if self.chunk_size and self.chunk_size < n:
+            losses = self._cached(batch, n)
+        else:
+            losses = self._plain(batch, n)
+        self.engine.step()
+        return {k: float(v) for k, v in losses.items()}
+
+    def _loss(self, out, batch, n: int) -> Dict[str, torch.Tensor]:
+        obj = self.objective
+        losses = obj.cross_sample({k: out[k] for k in obj.rep_keys}, {k: out[k] for k in obj.scalar_keys if k in out})
+        for name, value in obj.per_sample(out, batch).items():
+            losses[name] = value / n
+            losses["loss"] = losses.get("loss", 0.0) + losses[name]
+        return losses
+
+    def _plain(self, batch: Batch, n: int) -> Dict[str, torch.Tensor]:
+        out = self.engine(model_inputs(batch, self.device))
+        losses = self._loss(out, batch, n)
+        self.engine.backward(losses["loss"])
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _cached(self, batch: Batch, n: int) -> Dict[str, torch.Tensor]:
+        obj = self.objective
+        chunks = split(batch, self.chunk_size)
+        rng, cache, scalars = [], [], {}
+        with torch.no_grad():  # 1. encode every chunk without a graph
+            for chunk in chunks:
+                rng.append(_rng_get())
+                out = self.engine(model_inputs(chunk, self.device))
+                cache.append({k: out[k] for k in obj.rep_keys})
+                scalars = scalars or {k: out[k] for k in obj.scalar_keys if k in out}
+        # 2. cross-sample loss once, on leaves standing for the cached representations
+        reps = {k: torch.cat([c[k] for c in cache]).requires_grad_(True) for k in obj.rep_keys}  # (b, D)
+        scal = {k: v.detach().requires_grad_(True) for k, v in scalars.items()}
+        with torch.enable_grad():
+            cross = obj.cross_sample(reps, scal)
+            leaves = list(reps.values()) + list(scal.values())
+            grads = torch.autograd.grad(cross["loss"], leaves, allow_unused=True)
+        g_rep = dict(zip(reps, grads[: len(reps)]))
+        g_scal = dict(zip(scal, grads[len(reps) :]))
+        # 3. re-encode each chunk with grad, replaying its RNG
+        losses = {k: v.detach() for k, v in cross.items()}
+        with self._one_reduction():
+            start = 0
+            for i, chunk in enumerate(chunks):
+                _rng_set(rng[i])
+                out = self.engine(model_inputs(chunk, self.device))
+                b = len(out[obj.rep_keys[0]])
+                surrogate = sum((out[k] * g[start : start + b]).sum() for k, g in g_rep.items() if g is not None)
+                if i == 0:  # per-step scalars: their gradient counted once
+                    surrogate = surrogate + sum((out[k] * g).sum() for k, g in g_scal.items() if g is not None)
+                for name, value in obj.per_sample(out, chunk).items():
+                    surrogate = surrogate + value / n
+                    losses[name] = losses.get(name, 0.0) + value.detach() / n
+                    losses["loss"] = losses["loss"] + value.detach() / n
+                self._backward(surrogate, last=i == len(chunks) - 1)
+                start += b
+        return losses
+
+    @contextlib.contextmanager
+    def _one_reduction(self):
+        if self.engine.zero_optimization_stage() > 0:
+            with self.engine.coalesce_grad_reduction():
+                yield
+        else:
+            yield
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # ZeRO-0: accumulate locally and all-reduce with the last chunk only
+        if self.engine.zero_optimization_stage() == 0 and not last:
+            with self.engine.no_sync():
+                self.engine.backward(loss)
+        else:
+            self.engine.backward(loss)

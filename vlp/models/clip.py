@@ -1,0 +1,79 @@
+"""The two-tower contrastive model: image and text towers, logit scale and bias.
+
+Attribute names follow open_clip's ``CustomTextCLIP`` (``visual``, ``text``,
+``logit_scale``, ``logit_bias``) so that state dicts move between the two unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ContrastiveModel(nn.Module):
+    def __init__(
+        self,
+        visual: nn.Module,
+        text: nn.Module,
+        embed_dim: int,
+        init_logit_scale: float,
+        init_logit_bias: Optional[float],
+        open_clip_cfg: Dict[str, Any],
+    ):
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.embed_dim = embed_dim
+        # shape (1,), open_clip's `nonscalar_logit_scale`: DeepSpeed cannot broadcast 0-d params
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.full((1,), float(init_logit_bias)))
+        self.open_clip_cfg = open_clip_cfg  # open_clip "model_cfg", written by export
+
+    @property
+    def output_dim(self) -> int:
+        return self.embed_dim
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.visual(image)  # (B, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.text(text)  # (B, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Unit-norm features of each modality present in ``batch`` plus the logit scale/bias."""
+        out: Dict[str, torch.Tensor] = {}
+        if "image" in batch:
+            out["image"] = self.encode_image(batch["image"], normalize=True)
+        if "text" in batch:
+            out["text"] = self.encode_text(batch["text"], normalize=True)
+        out["logit_scale"] = self.logit_scale.exp()
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    # --- the uniform tower interface, lifted to the model -------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for tower in (self.visual, self.text):
+            if hasattr(tower, "set_grad_checkpointing"):
+                tower.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set:
+        names = {"logit_scale", "logit_bias"}
+        for prefix, tower in (("visual", self.visual), ("text", self.text)):
+            if hasattr(tower, "no_weight_decay"):
+                names |= {f"{prefix}.{n}" for n in tower.no_weight_decay()}
+        return names
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        self.text.lock(unlocked_layers, freeze_layer_norm)

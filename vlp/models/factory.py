@@ -1,0 +1,123 @@
+"""Build the model, its tokenizer and its image transforms from the ``model:`` config."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import open_clip
+from open_clip.model import _build_text_tower, _build_vision_tower
+from open_clip.tokenizer import HFTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
+
+from vlp.models.clip import ContrastiveModel
+from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+
+
+@dataclass
+class ModelConfig:
+    # An open_clip architecture name ("ViT-B-32", "local-dir:/path"); when set it
+    # replaces `image`, `text` and `embed_dim`.
+    open_clip: Optional[str] = None
+    # An open_clip pretrained tag (with `open_clip`), or a local checkpoint: a .pt /
+    # .bin / .safetensors file, or a folder written by `vlp export --format open_clip`.
+    pretrained: Optional[str] = None
+    embed_dim: int = 512
+    image: Dict[str, Any] = field(default_factory=lambda: {"name": "open_clip"})
+    text: Dict[str, Any] = field(default_factory=lambda: {"name": "open_clip"})
+    quick_gelu: bool = False
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: Optional[float] = None  # set (e.g. -10) for SigLIP
+    grad_checkpointing: bool = False
+
+
+def open_clip_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
+    """The open_clip ``model_cfg`` (CustomTextCLIP form) this config stands for."""
+    if cfg.open_clip:
+        oc = open_clip.get_model_config(cfg.open_clip)
+        if oc is None:
+            raise ValueError(f"unknown open_clip model {cfg.open_clip!r}; see open_clip.list_models()")
+        if "multimodal_cfg" in oc:
+            raise ValueError(f"{cfg.open_clip!r} is a CoCa config; the contrastive model takes CLIP configs")
+        model_cfg = {k: v for k, v in oc.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+    else:
+        model_cfg = {
+            "embed_dim": cfg.embed_dim,
+            "vision_cfg": IMAGE_TOWERS.build(cfg.image),
+            "text_cfg": TEXT_TOWERS.build(cfg.text),
+            "quick_gelu": cfg.quick_gelu,
+        }
+    model_cfg["custom_text"] = True
+    model_cfg["nonscalar_logit_scale"] = True  # logit scale/bias of shape (1,), see clip.py
+    model_cfg["init_logit_scale"] = cfg.init_logit_scale
+    if cfg.init_logit_bias is not None:
+        model_cfg["init_logit_bias"] = cfg.init_logit_bias
+    return model_cfg
+
+
+def create_model(cfg: ModelConfig, load_weights: bool = True) -> ContrastiveModel:
+    """The model; ``load_weights=False`` skips ``cfg.pretrained`` (its weights come next)."""
+    model_cfg = open_clip_model_cfg(cfg)
+    quick_gelu = model_cfg.get("quick_gelu", False)
+    model = ContrastiveModel(
+        visual=_build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu),
+        text=_build_text_tower(model_cfg["embed_dim"], model_cfg["text_cfg"], quick_gelu),
+        embed_dim=model_cfg["embed_dim"],
+        init_logit_scale=model_cfg["init_logit_scale"],
+        init_logit_bias=model_cfg.get("init_logit_bias"),
+        open_clip_cfg=model_cfg,
+    )
+    if cfg.pretrained and load_weights:
+        load_pretrained(model, cfg)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _checkpoint_in_folder(path: str) -> str:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"no open_clip weights in folder {path}")
+
+
+def load_pretrained(model: ContrastiveModel, cfg: ModelConfig) -> None:
+    """Load open_clip weights from a local file/folder or an open_clip pretrained tag."""
+    path = cfg.pretrained
+    if not os.path.exists(path):
+        if not cfg.open_clip:
+            raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+        pcfg = open_clip.get_pretrained_cfg(cfg.open_clip, path)
+        if not pcfg:
+            tags = open_clip.list_pretrained_tags_by_model(cfg.open_clip)
+            raise ValueError(f"no pretrained tag {path!r} for {cfg.open_clip}; valid: {', '.join(tags)}")
+        path = open_clip.download_pretrained(pcfg)  # the hub cache; needs network once
+    elif os.path.isdir(path):
+        path = _checkpoint_in_folder(path)
+    # open_clip's loader converts the CLIP (non custom-text) layout and resizes pos embeds
+    open_clip.load_checkpoint(model, path, strict=True)
+
+
+def build_tokenizer(cfg: ModelConfig, model: ContrastiveModel) -> Callable:
+    text_cfg = model.open_clip_cfg["text_cfg"]
+    if cfg.open_clip:
+        return open_clip.get_tokenizer(cfg.open_clip, context_length=text_cfg.get("context_length"))
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg["context_length"])
+    return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+
+def preprocess_cfg(cfg: ModelConfig, model: ContrastiveModel) -> Dict[str, Any]:
+    vision_cfg = model.open_clip_cfg["vision_cfg"]
+    pp = dict(PreprocessCfg(size=vision_cfg.get("image_size", 224)).__dict__)
+    if cfg.open_clip and cfg.pretrained and not os.path.exists(cfg.pretrained):
+        pcfg = open_clip.get_pretrained_cfg(cfg.open_clip, cfg.pretrained)
+        pp.update({k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pcfg})
+    return pp
+
+
+def build_transforms(cfg: ModelConfig, model: ContrastiveModel) -> Tuple[Callable, Callable]:
+    """(train, eval) image transforms: open_clip's, sized for the image tower."""
+    pp = PreprocessCfg(**preprocess_cfg(cfg, model))
+    return image_transform_v2(pp, is_train=True), image_transform_v2(pp, is_train=False)

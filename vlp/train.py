@@ -1,0 +1,235 @@
+"""The training loop, as named steps: setup, build, resume, then step / log / eval / save."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+
+from vlp.config import Config, save_config
+from vlp.engine import checkpoint, dist
+from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
+from vlp.engine.step import Step
+from vlp.metrics import MetricsLogger
+from vlp.models import build_tokenizer, build_transforms, create_model
+from vlp.objectives import build_objective
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0  # data epoch of the (non-resampled) stream
+    samples: int = 0  # global samples seen
+    skipped: int = 0  # bad samples skipped by this rank's stream
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        quiet_deepspeed()
+        self.info = dist.init_distributed(cfg.engine.backend, cfg.engine.timeout_s)
+        self.device = dist.device_for(self.info)
+        self.run_dir = cfg.run.dir
+        self._setup_run_dir()
+        self._build()
+        self.state = TrainState()
+        self.log = MetricsLogger(self.run_dir, self.info.is_main, cfg.logging.tensorboard)
+
+    # --- setup ----------------------------------------------------------------------
+    def _setup_run_dir(self) -> None:
+        if self.info.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        print(
+            f"[vlp] host={socket.gethostname()} rank={self.info.rank} local_rank={self.info.local_rank} "
+            f"world={self.info.world_size} device={self.device}",
+            flush=True,
+        )
+        checkpoint.clean_partial(self.run_dir)
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        seed_all(cfg.run.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model).to(self.device)
+        self.tokenizer = build_tokenizer(cfg.model, model)
+        self.train_transform, self.eval_transform = build_transforms(cfg.model, model)
+        self.objective = build_objective(cfg.objective)
+        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size)
+        self.step_fn = Step(self.engine, self.objective, self.device, cfg.engine.grad_cache.chunk_size)
+        seed_all(cfg.run.seed + 1000 * self.info.rank + 1)  # per-rank dropout and augmentation
+
+    # --- data -----------------------------------------------------------------------
+    def batches(self) -> Iterator[Dict[str, Any]]:
+        """Endless batches: epoch after epoch (the epoch seeds the shard order)."""
+        from vlp.data.stream import build_loader
+
+        while True:
+            loader = build_loader(
+                self.cfg.data.train,
+                self.cfg.data,
+                image_transform=self.train_transform,
+                tokenizer=self.tokenizer,
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+                train=True,
+                epoch=self.state.epoch,
+                seed=self.cfg.run.seed,
+            )
+            n = 0
+            for batch in loader:
+                n += 1
+                yield batch
+            if n == 0:
+                raise ValueError(
+                    f"data.train yielded no full batch of {self.cfg.data.batch_size}; "
+                    "lower data.batch_size or add data"
+                )
+            self.state.epoch += 1
+
+    # --- checkpoints ----------------------------------------------------------------
+    def resume(self) -> None:
+        if not self.cfg.run.resume:
+            return
+        client = checkpoint.load(self.engine, self.run_dir)
+        if client is not None:
+            self.state = TrainState(**client["train_state"])
+            if self.info.is_main:
+                print(f"[vlp] resumed from step {self.state.step} (epoch {self.state.epoch})", flush=True)
+
+    def save(self) -> None:
+        checkpoint.save(
+            self.engine,
+            self.run_dir,
+            self.state.step,
+            {"train_state": asdict(self.state)},
+            keep=self.cfg.run.keep_checkpoints,
+        )
+
+    # --- eval -----------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, float]:
+        """Zero-shot (and retrieval) on data.val; rank 0 evaluates, the others wait."""
+        from vlp.eval.zeroshot import run_zeroshot
+
+        cfg = self.cfg
+        if not cfg.data.val or not (cfg.eval.zeroshot or cfg.eval.retrieval):
+            return {}
+        model = self.engine.module
+        results: Dict[str, float] = {}
+        model.eval()
+        with self._gathered_params(), torch.no_grad():
+            if self.info.is_main:
+                if cfg.eval.zeroshot:
+                    zs = run_zeroshot(
+                        cfg, model, self.tokenizer, self.eval_transform, cfg.data.val,
+                        cfg.eval.classnames, cfg.eval.templates, self.device,
+                    )
+                    results.update({f"zeroshot_{k}": v for k, v in zs.items()})
+                if cfg.eval.retrieval:
+                    results.update(self._retrieval(model))
+            dist.barrier()
+        model.train()
+        return dist.broadcast_object(results)
+
+    def _retrieval(self, model) -> Dict[str, float]:
+        from vlp.data.stream import build_eval_loader
+        from vlp.eval.retrieval import evaluate_retrieval
+
+        loader = build_eval_loader(
+            self.cfg.data.val, self.cfg.data, self.eval_transform, self.tokenizer, self.cfg.eval.batch_size
+        )
+        return {f"retrieval_{k}": v for k, v in evaluate_retrieval(model, loader, self.device).items()}
+
+    def _gathered_params(self):
+        import contextlib
+
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    # --- the loop -------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        self.resume()
+        state = self.state
+        global_batch = cfg.data.batch_size * self.info.world_size
+        bar = self._progress(state.step)
+        data, t0, last_saved = self.batches(), time.time(), state.step
+        while state.step < cfg.optim.steps:
+            batch = next(data)
+            state.skipped += int(batch.get("n_skipped", 0))
+            losses = self.step_fn(batch)
+            state.step += 1
+            state.samples += global_batch
+            if state.step % cfg.logging.every_steps == 0 or state.step == cfg.optim.steps:
+                t0 = self._log_step(losses, bar, t0)
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.optim.steps:
+                self._log_eval()
+            if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
+                self.save()
+                last_saved = state.step
+            if bar is not None:
+                bar.update(1)
+        if last_saved != state.step:
+            self.save()
+        final = self._log_eval()
+        if bar is not None:
+            bar.close()
+        self.log.close()
+        return {"step": state.step, "samples": state.samples, **final}
+
+    def _progress(self, start: int):
+        if not (self.info.is_main and self.cfg.logging.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.optim.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def _log_step(self, losses: Dict[str, float], bar, t0: float) -> float:
+        now = time.time()
+        steps = self.cfg.logging.every_steps
+        skipped = int(dist.all_reduce_sum(torch.tensor([self.state.skipped], dtype=torch.long)).item())
+        samples_per_s = steps * self.cfg.data.batch_size * self.info.world_size / max(now - t0, 1e-9)
+        record = {
+            "step": self.state.step,
+            **losses,
+            "lr": self.scheduler.get_last_lr()[0],
+            "logit_scale": float(self._logit_scale()),
+            "samples": self.state.samples,
+            "samples_per_s": round(samples_per_s, 2),
+            "skipped_samples": skipped,
+            "epoch": self.state.epoch,
+        }
+        self.log.log(record, step=self.state.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", sps=f"{samples_per_s:.0f}", skipped=skipped)
+        return now
+
+    def _logit_scale(self) -> float:
+        p = self.engine.module.logit_scale
+        return p.exp().item() if p.numel() else float("nan")  # partitioned at ZeRO-3
+
+    def _log_eval(self) -> Dict[str, float]:
+        results = self.evaluate()
+        if results:
+            self.log.log({"step": self.state.step, **results}, step=self.state.step)
+            if self.info.is_main:
+                shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
+                print(f"[vlp] step {self.state.step}: {shown}", flush=True)
+        return results
+
+
+def train(cfg: Config) -> Dict[str, Any]:
+    return Trainer(cfg).fit()
