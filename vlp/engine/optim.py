@@ -11,6 +11,7 @@ from torch import nn
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | sgd (momentum 0.9; updates linear in the gradient)
     lr: float = 5e-4
     weight_decay: float = 0.2
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -40,9 +41,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    raise ValueError(f"unknown optim.name {cfg.name!r}; valid: adamw, sgd")
 
 
 def lr_lambda(cfg: OptimConfig):

@@ -1,0 +1,56 @@
+"""One training step on this rank's slice of a fixed global batch, for ZeRO stages 0-3.
+
+Run with 1 process (reference) or under a launcher with 2; rank 0 writes the mean loss
+and the full updated weights of every (stage, chunk) case to OUT.
+    python tests/dist_worker.py OUT            |  torchrun --nproc_per_node 2 tests/dist_worker.py OUT
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.tiny import tiny_batch, tiny_model_cfg  # noqa: E402
+from vlp.engine import dist  # noqa: E402
+from vlp.engine.checkpoint import full_state_dict  # noqa: E402
+from vlp.engine.config import EngineConfig, GradCacheConfig  # noqa: E402
+from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed  # noqa: E402
+from vlp.engine.optim import OptimConfig  # noqa: E402
+from vlp.engine.step import Step  # noqa: E402
+from vlp.models import create_model  # noqa: E402
+from vlp.objectives import build_objective  # noqa: E402
+
+GLOBAL_BATCH = 16
+CASES = [(0, 0), (1, 0), (2, 0), (3, 0), (2, 4), (3, 4)]  # (zero stage, chunk size)
+
+
+def one_step(stage: int, chunk: int, objective: str):
+    info = dist.init_distributed("gloo")
+    kw = {"init_logit_bias": -10.0} if objective == "siglip" else {}
+    cfg = tiny_model_cfg(**kw)
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    b = GLOBAL_BATCH // info.world_size
+    full = tiny_batch(GLOBAL_BATCH, cfg)
+    local = {k: v[info.rank * b : (info.rank + 1) * b] for k, v in full.items()}
+    optim = OptimConfig(name="sgd", lr=0.1, warmup_steps=0, weight_decay=0.0, grad_clip=0.0)
+    engine, _, _ = build_engine(model, EngineConfig(zero_stage=stage, grad_cache=GradCacheConfig(chunk)), optim, b)
+    losses = Step(engine, build_objective({"name": objective}), torch.device("cpu"), chunk)(local)
+    loss = dist.all_reduce_sum(torch.tensor([losses["loss"]], dtype=torch.float64)) / info.world_size
+    return float(loss), full_state_dict(engine)
+
+
+def main(out: str) -> None:
+    quiet_deepspeed()
+    torch.manual_seed(0)
+    results = {"init": create_model(tiny_model_cfg()).state_dict()}
+    for objective in ("infonce", "siglip"):
+        for stage, chunk in CASES:
+            results[(objective, stage, chunk)] = one_step(stage, chunk, objective)
+    if dist.rank() == 0:
+        torch.save(results, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,48 @@
+"""Tiny random-init models and a stand-in engine shared by the tests."""
+import torch
+
+from vlp.models import ModelConfig
+
+
+def tiny_model_cfg(**kw) -> ModelConfig:
+    base = dict(
+        embed_dim=16,
+        image={"name": "open_clip", "image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        text={"name": "open_clip", "context_length": 8, "width": 32, "heads": 2, "layers": 1, "vocab_size": 64},
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_batch(n: int, cfg: ModelConfig, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size, ctx = cfg.image.get("image_size", 16), cfg.text["context_length"]
+    return {
+        "image": torch.randn(n, 3, size, size, generator=g),
+        "text": torch.randint(1, cfg.text.get("vocab_size", 64), (n, ctx), generator=g),
+    }
+
+
+class PlainEngine:
+    """The slice of DeepSpeed's engine API that vlp.engine.step uses, without DeepSpeed:
+    lets the step be checked in float64 against a plain full-batch backward."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, inputs):
+        return self.module(inputs)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def no_sync(self):
+        import contextlib
+
+        return contextlib.nullcontext()
