@@ -129,17 +129,22 @@ def load(engine, run_dir: str) -> Optional[Dict[str, Any]]:
     return client_state
 
 
-def find_weights(run_or_file: str) -> Tuple[str, str]:
-    """(model.safetensors path, run dir) for a run dir, a checkpoint tag dir or the file."""
-    if os.path.isfile(run_or_file):
-        tag_dir = os.path.dirname(os.path.abspath(run_or_file))
-        return run_or_file, os.path.dirname(os.path.dirname(tag_dir))
-    if os.path.isfile(os.path.join(run_or_file, MODEL_FILE)):
-        return os.path.join(run_or_file, MODEL_FILE), os.path.dirname(os.path.dirname(os.path.abspath(run_or_file)))
-    tag = latest_tag(run_or_file)
-    if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {run_or_file} (expected checkpoints/latest)")
-    return os.path.join(ckpt_dir(run_or_file), tag, MODEL_FILE), run_or_file
+def find_weights(path: str) -> Tuple[str, str]:
+    """(weights file, folder holding its config.yaml) for a run dir, a checkpoint tag
+    dir, an export folder (``vlp export --format safetensors``) or the weights file."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MODEL_FILE)):
+        tag = latest_tag(path)
+        if tag is None:
+            raise FileNotFoundError(f"no checkpoint in {path} (expected checkpoints/latest)")
+        return os.path.join(ckpt_dir(path), tag, MODEL_FILE), path
+    weights = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    here = os.path.dirname(os.path.abspath(weights))
+    for folder in (here, os.path.dirname(os.path.dirname(here))):  # export dir; RUN/checkpoints/TAG
+        if os.path.isfile(os.path.join(folder, "config.yaml")):
+            return weights, folder
+    raise FileNotFoundError(f"no config.yaml beside {weights} or in its run folder")
 
 
 def load_model_from_run(run_or_file: str, device: str = "cpu"):

@@ -1,0 +1,87 @@
+"""Image-text retrieval recall@k, one caption per image (open_clip's / clip_benchmark's metric).
+
+Shapes: N samples, D embedding dim, Q queries in a block.
+
+The positive of image i is the caption of the *same sample* i, and vice versa: retrieval
+is by sample identity, not by caption text. Where captions repeat across samples (the
+digits set has eight caption patterns per class), other samples' identical captions are
+not positives. A positive's rank is 1 + the number of candidates scoring *strictly*
+higher, so exact ties (identical captions embed identically) resolve in the positive's
+favour and the result does not depend on sample order.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Tuple
+
+import torch
+from tqdm import tqdm
+
+from vlp.eval.zeroshot import eval_mode, image_dtype
+
+RECALL_AT = (1, 5, 10)
+
+
+def embed_all(
+    model, loader: Iterable[Dict[str, Any]], device: Any = "cpu", progress: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) image and (N, D) text unit-norm embeddings of every sample, in loader order, on the CPU."""
+    images, texts = [], []
+    dtype = image_dtype(model)
+    with eval_mode(model):
+        for batch in tqdm(loader, desc="retrieval", unit="batch", disable=not progress):
+            images.append(model.encode_image(batch["image"].to(device, dtype), normalize=True).float().cpu())
+            texts.append(model.encode_text(batch["text"].to(device), normalize=True).float().cpu())
+    if not images:
+        raise ValueError("no samples in the eval data")
+    return torch.cat(images), torch.cat(texts)
+
+
+def positive_ranks(queries: torch.Tensor, keys: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """(N,) 0-based rank of key i among all keys for query i (the diagonal is the positive).
+
+    Computed in blocks of queries so memory is O(block * N), not O(N^2)."""
+    assert queries.shape == keys.shape, "one positive key per query"
+    ranks = []
+    for start in range(0, len(queries), block):
+        scores = queries[start : start + block] @ keys.T  # (Q, N)
+        rows = torch.arange(scores.shape[0])
+        positive = scores[rows, rows + start]  # (Q,)
+        ranks.append((scores > positive[:, None]).sum(dim=1))  # (Q,) candidates strictly better
+    return torch.cat(ranks)
+
+
+def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor) -> Dict[str, float]:
+    """image_to_text_R@k and text_to_image_R@k for k in 1, 5, 10, from (N, D) paired embeddings."""
+    metrics: Dict[str, float] = {}
+    for name, ranks in (
+        ("image_to_text", positive_ranks(image_emb, text_emb)),
+        ("text_to_image", positive_ranks(text_emb, image_emb)),
+    ):
+        for k in RECALL_AT:
+            metrics[f"{name}_R@{k}"] = float((ranks < k).double().mean())
+    return metrics
+
+
+def evaluate_retrieval(
+    model, loader: Iterable[Dict[str, Any]], device: Any = "cpu", progress: bool = False
+) -> Dict[str, Any]:
+    """Recall@{1,5,10} both ways over every sample of ``loader`` (see the module docstring), plus num_samples."""
+    image_emb, text_emb = embed_all(model, loader, device, progress)
+    return {**recall_at_k(image_emb, text_emb), "num_samples": len(image_emb)}
+
+
+def run_retrieval(
+    cfg,
+    model,
+    tokenizer: Callable,
+    eval_transform: Callable,
+    data_spec: Any = None,
+    device: Any = "cpu",
+    progress: bool = False,
+) -> Dict[str, Any]:
+    """Retrieval metrics of ``model`` on ``data_spec`` (default ``cfg.data.val``), one process (rank 0)."""
+    from vlp.data.stream import build_eval_loader
+
+    data_spec = cfg.data.val if data_spec is None else data_spec
+    loader = build_eval_loader(data_spec, cfg.data, eval_transform, tokenizer, batch_size=cfg.eval.batch_size)
+    return evaluate_retrieval(model, loader, device, progress=progress)
