@@ -64,9 +64,14 @@ class Step:
         self.engine.step()
         return {k: float(v) for k, v in losses.items()}
 
+    def _fields(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        """Batch fields the cross-sample part reads (labels), on the device, no grad."""
+        return {k: batch[k].to(self.device) for k in self.objective.batch_keys}
+
     def _loss(self, out, batch, n: int) -> Dict[str, torch.Tensor]:
         obj = self.objective
-        losses = obj.cross_sample({k: out[k] for k in obj.rep_keys}, {k: out[k] for k in obj.scalar_keys if k in out})
+        reps = {**{k: out[k] for k in obj.rep_keys}, **self._fields(batch)}
+        losses = obj.cross_sample(reps, {k: out[k] for k in obj.scalar_keys if k in out})
         for name, value in obj.per_sample(out, batch).items():
             losses[name] = value / n
             losses["loss"] = losses.get("loss", 0.0) + losses[name]
@@ -92,7 +97,7 @@ class Step:
         reps = {k: torch.cat([c[k] for c in cache]).requires_grad_(True) for k in obj.rep_keys}  # (b, D)
         scal = {k: v.detach().requires_grad_(True) for k, v in scalars.items()}
         with torch.enable_grad():
-            cross = obj.cross_sample(reps, scal)
+            cross = obj.cross_sample({**reps, **self._fields(batch)}, scal)
             leaves = list(reps.values()) + list(scal.values())
             grads = torch.autograd.grad(cross["loss"], leaves, allow_unused=True)
         g_rep = dict(zip(reps, grads[: len(reps)]))

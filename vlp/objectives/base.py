@@ -11,8 +11,9 @@ An objective splits its loss in two (DESIGN.md, section 3):
   cross-entropy), returned as **sums** over the chunk; the step divides by the local
   batch size, so chunks add up to the mean.
 
-``rep_keys`` names the per-sample model outputs the cross-sample part reads;
-``scalar_keys`` the per-step scalars.
+``rep_keys`` names the per-sample model outputs the cross-sample part reads (they
+carry gradients); ``batch_keys`` names batch fields it also needs (labels: no
+gradient), passed in ``reps`` beside them; ``scalar_keys`` the per-step scalars.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ OBJECTIVES: Registry = Registry("objective")
 
 class Objective(nn.Module):
     rep_keys: Tuple[str, ...] = ("image", "text")
+    batch_keys: Tuple[str, ...] = ()
     scalar_keys: Tuple[str, ...] = ("logit_scale",)
 
     def cross_sample(self, reps: Tensors, scalars: Tensors) -> Tensors:
