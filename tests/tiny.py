@@ -17,9 +17,11 @@ def tiny_model_cfg(**kw) -> ModelConfig:
 def tiny_batch(n: int, cfg: ModelConfig, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     size, ctx = cfg.image.get("image_size", 16), cfg.text["context_length"]
+    # open_clip ViT and timm towers alike
     return {
         "image": torch.randn(n, 3, size, size, generator=g),
         "text": torch.randint(1, cfg.text.get("vocab_size", 64), (n, ctx), generator=g),
+        "label": torch.randint(0, 4, (n,), generator=g),  # repeats: several positives per row
     }
 
 
