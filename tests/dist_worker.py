@@ -22,12 +22,22 @@ from vlp.models import create_model  # noqa: E402
 from vlp.objectives import build_objective  # noqa: E402
 
 GLOBAL_BATCH = 16
-CASES = [(0, 0), (1, 0), (2, 0), (3, 0), (2, 4), (3, 4)]  # (zero stage, chunk size)
+FULL = [(0, 0), (1, 0), (2, 0), (3, 0), (2, 4), (3, 4)]  # (zero stage, chunk size): CLIP and SigLIP
+SHORT = [(0, 0), (2, 0), (3, 4)]  # every other registered objective
+
+
+def cases():
+    from vlp.objectives import OBJECTIVES
+
+    for name in OBJECTIVES.list():
+        for stage, chunk in FULL if name in ("infonce", "siglip") else SHORT:
+            yield name, stage, chunk
 
 
 def one_step(stage: int, chunk: int, objective: str):
     info = dist.init_distributed("gloo")
-    kw = {"init_logit_bias": -10.0} if objective == "siglip" else {}
+    obj = build_objective({"name": objective})
+    kw = {"init_logit_bias": -10.0} if "logit_bias" in obj.scalar_keys else {}
     cfg = tiny_model_cfg(**kw)
     torch.manual_seed(0)
     model = create_model(cfg)
@@ -36,7 +46,7 @@ def one_step(stage: int, chunk: int, objective: str):
     local = {k: v[info.rank * b : (info.rank + 1) * b] for k, v in full.items()}
     optim = OptimConfig(name="sgd", lr=0.1, warmup_steps=0, weight_decay=0.0, grad_clip=0.0)
     engine, _, _ = build_engine(model, EngineConfig(zero_stage=stage, grad_cache=GradCacheConfig(chunk)), optim, b)
-    losses = Step(engine, build_objective({"name": objective}), torch.device("cpu"), chunk)(local)
+    losses = Step(engine, obj, torch.device("cpu"), chunk)(local)
     loss = dist.all_reduce_sum(torch.tensor([losses["loss"]], dtype=torch.float64)) / info.world_size
     return float(loss), full_state_dict(engine)
 
@@ -45,9 +55,8 @@ def main(out: str) -> None:
     quiet_deepspeed()
     torch.manual_seed(0)
     results = {"init": create_model(tiny_model_cfg()).state_dict()}
-    for objective in ("infonce", "siglip"):
-        for stage, chunk in CASES:
-            results[(objective, stage, chunk)] = one_step(stage, chunk, objective)
+    for objective, stage, chunk in cases():
+        results[(objective, stage, chunk)] = one_step(stage, chunk, objective)
     if dist.rank() == 0:
         torch.save(results, out)
 

@@ -86,6 +86,24 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((grad.shape[0] // world_size(), *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)  # gloo has no reduce-scatter
+        return grad.chunk(world_size())[rank()].clone()
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (B, ...) from every rank into (W*B, ...), rank-major.
 
@@ -96,7 +114,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
