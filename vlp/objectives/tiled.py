@@ -1,0 +1,164 @@
+"""Tiled InfoNCE: the contrastive loss without ever holding the (b, N) logits.
+
+Shapes: b = rows of A (this rank's rows), N = rows of C (the gathered columns),
+D = embedding dim, T = tile size. ``z = s·A·Cᵀ`` exists only one (T, T) tile at a time,
+so memory is O((b + N)·D + T²) instead of O(b·N).
+
+The only part of the cross-entropy that couples all columns is the log-partition;
+``tiled_lse`` computes it and its gradient with a custom autograd Function:
+
+    lse_row_i = log Σ_j exp(z_ij)            lse_col_j = log Σ_i exp(z_ij)
+    G_ij = g_i·exp(z_ij − lse_row_i) + h_j·exp(z_ij − lse_col_j)     (g, h: upstream grads)
+    ∂A = s·G·C      ∂C = s·Gᵀ·A      ∂s = Σ_ij G_ij a_i·c_j = Σ_i a_i·(G·C)_i
+
+Forward: one matmul per tile, per-tile LSEs merged online with ``logaddexp``; only the
+(b,) and (N,) LSE vectors are saved. Backward: the tile's logits are recomputed and both
+softmaxes come from the same tile, two more matmuls. In all 4·b·N·D multiply-adds, where
+the plain loss (two logit matrices, each backpropagated to both inputs) does 6·b·N·D.
+The target terms of the cross-entropy are O(b·D) and left to ordinary autograd:
+
+    CE_ε(row i) = lse_row_i − (1 − ε)·z_{i,pos(i)} − ε·mean_j z_ij,   mean_j z_ij = s·a_i·mean(C)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+Span = Tuple[int, int]
+
+
+def _spans(n: int, tile: int) -> List[Span]:
+    return [(i, min(i + tile, n)) for i in range(0, n, tile)]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # half-precision reps: accumulate the LSEs and gradients in float32
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _tile_lse(z: torch.Tensor, dim: int, work: torch.Tensor) -> torch.Tensor:
+    """logsumexp of tile ``z`` (tb, tc) along ``dim``, using ``work`` (same shape) as scratch."""
+    m = z.amax(dim, keepdim=True)  # stabiliser: exp ≤ 1
+    torch.sub(z, m, out=work).exp_()
+    return work.sum(dim).log_().add_(m.squeeze(dim))
+
+
+class _Workspace:
+    """Two reusable (T, T) buffers; edge tiles use a contiguous prefix of the same storage."""
+
+    def __init__(self, tile: int, like: torch.Tensor):
+        self.z = like.new_empty(tile * tile)
+        self.w = like.new_empty(tile * tile)
+
+    def views(self, rows: int, cols: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = rows * cols
+        return self.z[:n].view(rows, cols), self.w[:n].view(rows, cols)
+
+
+def _lse_pass(a_s, c, tile: int, cols: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row (and column) LSE of ``a_s·Cᵀ`` (a_s = s·A), one tile at a time."""
+    lse_r = a_s.new_full((a_s.shape[0],), float("-inf"))  # (b,)
+    lse_c = a_s.new_full((c.shape[0] if cols else 0,), float("-inf"))  # (N,) or (0,)
+    ws = _Workspace(tile, a_s)
+    for i0, i1 in _spans(a_s.shape[0], tile):
+        for j0, j1 in _spans(c.shape[0], tile):
+            z, w = ws.views(i1 - i0, j1 - j0)
+            torch.mm(a_s[i0:i1], c[j0:j1].T, out=z)  # (tb, tc) logits
+            torch.logaddexp(lse_r[i0:i1], _tile_lse(z, 1, w), out=lse_r[i0:i1])
+            if cols:
+                torch.logaddexp(lse_c[j0:j1], _tile_lse(z, 0, w), out=lse_c[j0:j1])
+    return lse_r, lse_c
+
+
+def _tile_grad(z, p, lse_r, g_r, lse_c, g_c) -> torch.Tensor:
+    """G for one tile into ``p``: g_i·softmax_row + h_j·softmax_col; overwrites ``z``."""
+    torch.sub(z, lse_r[:, None], out=p).exp_().mul_(g_r[:, None])
+    if g_c is not None:
+        z.sub_(lse_c[None, :]).exp_().mul_(g_c[None, :])
+        p.add_(z)
+    return p
+
+
+def _grad_pass(a, c, s, lse_r, g_r, lse_c, g_c, tile: int, need_c: bool):
+    """(G·C, Gᵀ·A) accumulated tile by tile with the logits recomputed; no s factor yet."""
+    a_s = a * s
+    ga = torch.zeros_like(a)  # (b, D)
+    gc = torch.zeros_like(c) if need_c else None  # (N, D)
+    ws = _Workspace(tile, a)
+    for i0, i1 in _spans(a.shape[0], tile):
+        for j0, j1 in _spans(c.shape[0], tile):
+            z, p = ws.views(i1 - i0, j1 - j0)
+            torch.mm(a_s[i0:i1], c[j0:j1].T, out=z)
+            gcol = None if g_c is None else g_c[j0:j1]
+            lcol = None if g_c is None else lse_c[j0:j1]
+            p = _tile_grad(z, p, lse_r[i0:i1], g_r[i0:i1], lcol, gcol)  # (tb, tc)
+            ga[i0:i1].addmm_(p, c[j0:j1])
+            if need_c:
+                gc[j0:j1].addmm_(p.T, a[i0:i1])
+    return ga, gc
+
+
+class _TiledLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, c, scale, tile: int, cols: bool):
+        dt = _compute_dtype(a)
+        s = scale.to(dt)
+        lse_r, lse_c = _lse_pass(a.to(dt) * s, c.to(dt), tile, cols)
+        ctx.save_for_backward(a, c, scale, lse_r, lse_c)
+        ctx.tile = tile
+        ctx.set_materialize_grads(False)
+        return lse_r, lse_c
+
+    @staticmethod
+    def backward(ctx, g_r: Optional[torch.Tensor], g_c: Optional[torch.Tensor]):
+        a, c, scale, lse_r, lse_c = ctx.saved_tensors
+        if g_c is not None and g_c.numel() == 0:
+            g_c = None
+        if g_r is None and g_c is None:
+            return None, None, None, None, None
+        dt = lse_r.dtype
+        a32, c32, s = a.to(dt), c.to(dt), scale.to(dt)
+        g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(dt)  # only the column LSE was used
+        ga, gc = _grad_pass(a32, c32, s, lse_r, g_r, lse_c, g_c, ctx.tile, ctx.needs_input_grad[1])
+        d_scale = torch.dot(a32.reshape(-1), ga.reshape(-1)).reshape(scale.shape).to(scale.dtype)
+        d_a = ga.mul_(s).to(a.dtype)
+        d_c = gc.mul_(s).to(c.dtype) if gc is not None else None
+        return d_a, d_c, d_scale, None, None
+
+
+def tiled_lse(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, tile: int, cols: bool = False):
+    """(lse_row (b,), lse_col (N,) or (0,)) of s·A·Cᵀ, differentiable in A, C and s."""
+    if tile < 1:
+        raise ValueError(f"tile size must be >= 1, got {tile}")
+    return _TiledLSE.apply(a, c, scale, tile, cols)
+
+
+def _smoothing_mean(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """mean_i mean_j z_ij = s·mean(A)·mean(C): the uniform part of label smoothing."""
+    return (scale * (a.mean(0) * c.mean(0)).sum()).squeeze()
+
+
+def symmetric_infonce(x, y, scale, tile: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Single process: ½[CE(s·X·Yᵀ) + CE(s·Y·Xᵀ)], both directions from the same tiles.
+
+    x, y: (N, D) with x_i ↔ y_i positives; s·Y·Xᵀ = (s·X·Yᵀ)ᵀ, so its row LSE is the
+    column LSE of s·X·Yᵀ."""
+    lse_r, lse_c = tiled_lse(x, y, scale, tile, cols=True)  # (N,), (N,)
+    pos = (scale * (x * y).sum(1)).mean()  # mean_i z_ii, the same in both directions
+    loss = 0.5 * (lse_r.mean() + lse_c.mean()) - (1.0 - label_smoothing) * pos
+    if label_smoothing:
+        loss = loss - label_smoothing * _smoothing_mean(x, y, scale)
+    return loss
+
+
+def rows_infonce(a, pos, c_all, scale, tile: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """One direction: mean_i CE(s·a_i·C_allᵀ, positive s·a_i·pos_i).
+
+    a, pos: (b, D) this rank's rows and their partners; c_all: (N, D) every column,
+    gathered outside so that the differentiable gather's reduce-scatter applies."""
+    lse_r, _ = tiled_lse(a, c_all, scale, tile)  # (b,)
+    loss = lse_r.mean() - (1.0 - label_smoothing) * (scale * (a * pos).sum(1)).mean()
+    if label_smoothing:
+        loss = loss - label_smoothing * _smoothing_mean(a, c_all, scale)
+    return loss
