@@ -56,6 +56,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"vlp {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from vlp.train import PeerFailure, TrainingDiverged
+
+        if isinstance(e, (TrainingDiverged, PeerFailure)):
+            print(f"vlp {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         return 130
 

@@ -27,6 +27,7 @@ class RunConfig:
     checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: bool = True  # continue from RUN_DIR/checkpoints/latest when present
+    max_skipped_steps: int = 10  # consecutive non-finite-loss steps before the run stops
 
 
 @dataclass

@@ -20,6 +20,14 @@ from vlp.models import build_tokenizer, build_transforms, create_model
 from vlp.objectives import build_objective
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for ``run.max_skipped_steps`` consecutive steps."""
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed: another rank died or did not answer within the timeout."""
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -166,11 +174,15 @@ class Trainer:
         state = self.state
         global_batch = cfg.data.batch_size * self.info.world_size
         bar = self._progress(state.step)
-        data, t0, last_saved = self.batches(), time.time(), state.step
+        data, t0, last_saved, bad_steps = self.batches(), time.time(), state.step, 0
         while state.step < cfg.optim.steps:
             batch = next(data)
             state.skipped += int(batch.get("n_skipped", 0))
             losses = self.step_fn(batch)
+            if losses.get("skipped_step"):
+                bad_steps = self._skipped_step(bad_steps)
+                continue
+            bad_steps = 0
             state.step += 1
             state.samples += global_batch
             if state.step % cfg.logging.every_steps == 0 or state.step == cfg.optim.steps:
@@ -189,6 +201,20 @@ class Trainer:
             bar.close()
         self.log.close()
         return {"step": state.step, "samples": state.samples, **final}
+
+    def _skipped_step(self, bad_steps: int) -> int:
+        """Log a step skipped for a non-finite loss; stop after too many in a row."""
+        bad_steps += 1
+        step = self.state.step + 1
+        self.log.log({"step": step, "skipped_step": True, "consecutive_skips": bad_steps}, step=None)
+        if self.info.is_main:
+            print(f"[vlp] step {step}: non-finite loss, step skipped ({bad_steps} in a row)", flush=True)
+        if bad_steps >= self.cfg.run.max_skipped_steps:
+            raise TrainingDiverged(
+                f"loss was not finite for {bad_steps} consecutive steps at step {step}; "
+                f"stopping (last complete checkpoint: {checkpoint.latest_tag(self.run_dir)})"
+            )
+        return bad_steps
 
     def _progress(self, start: int):
         if not (self.info.is_main and self.cfg.logging.progress):
@@ -231,5 +257,25 @@ class Trainer:
         return results
 
 
+def _collective_failed(e: RuntimeError) -> bool:
+    # gloo raises plain RuntimeErrors ("...gloo/transport/tcp/pair.cc... Connection reset by peer")
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+    )
+
+
 def train(cfg: Config) -> Dict[str, Any]:
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    except RuntimeError as e:
+        # a dead peer surfaces here (connection closed, or the engine.timeout_s deadline);
+        # the last complete checkpoint is untouched and the restarted job resumes from it
+        if not _collective_failed(e):
+            raise
+        raise PeerFailure(
+            f"rank {trainer.info.rank}: a collective failed, another rank died or did not answer within "
+            f"engine.timeout_s={cfg.engine.timeout_s}s ({str(e).splitlines()[0][:200]}); "
+            f"restart the job to resume from {checkpoint.latest_tag(cfg.run.dir)}"
+        ) from None

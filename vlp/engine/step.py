@@ -8,7 +8,8 @@ Cached step for a local batch of b samples split into K chunks:
 3. each chunk: restore RNG (same dropout/drop-path masks), encode with grad and
    backpropagate <reps, cached grad> + the chunk's per-sample loss; the scalars'
    cached gradient is applied once (chunk 0), not once per chunk;
-4. one optimizer step. Gradient reduction across ranks happens once: under
+4. one optimizer step. A non-finite total loss (known after step 2, before any
+   backward) skips the step on every rank. Gradient reduction across ranks happens once: under
    ``engine.no_sync()`` for ZeRO-0 and ``engine.coalesce_grad_reduction()`` for ZeRO 1-3.
 """
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Dict, List
 
 import torch
 
+from vlp.engine import dist
 from vlp.objectives.base import Objective
 
 Batch = Dict[str, object]
+SKIPPED = {"loss": torch.tensor(float("nan")), "skipped_step": torch.tensor(1.0)}
 MODEL_INPUTS = ("image", "text", "audio")
 
 
@@ -56,13 +59,18 @@ class Step:
         self.chunk_size = chunk_size
 
     def __call__(self, batch: Batch) -> Dict[str, float]:
+        """One optimizer step. A non-finite loss on any rank skips the step on every rank
+        (no backward, no update) and returns ``{"loss": nan, "skipped_step": 1.0}``."""
         n = len(batch["image"] if "image" in batch else batch["text"])
         if self.chunk_size and self.chunk_size < n:
             losses = self._cached(batch, n)
         else:
             losses = self._plain(batch, n)
-        self.engine.step()
         return {k: float(v) for k, v in losses.items()}
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+        return float(dist.all_reduce_sum(bad)) == 0.0  # the same decision on every rank
 
     def _fields(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """Batch fields the cross-sample part reads (labels), on the device, no grad."""
@@ -80,30 +88,37 @@ class Step:
     def _plain(self, batch: Batch, n: int) -> Dict[str, torch.Tensor]:
         out = self.engine(model_inputs(batch, self.device))
         losses = self._loss(out, batch, n)
+        if not self._finite_everywhere(losses["loss"].detach()):
+            return SKIPPED
         self.engine.backward(losses["loss"])
+        self.engine.step()
         return {k: v.detach() for k, v in losses.items()}
 
     def _cached(self, batch: Batch, n: int) -> Dict[str, torch.Tensor]:
         obj = self.objective
         chunks = split(batch, self.chunk_size)
-        rng, cache, scalars = [], [], {}
+        rng, cache, scalars, losses = [], [], {}, {}
         with torch.no_grad():  # 1. encode every chunk without a graph
             for chunk in chunks:
                 rng.append(_rng_get())
                 out = self.engine(model_inputs(chunk, self.device))
                 cache.append({k: out[k] for k in obj.rep_keys})
                 scalars = scalars or {k: out[k] for k in obj.scalar_keys if k in out}
+                for name, value in obj.per_sample(out, chunk).items():  # for the total only
+                    losses[name] = losses.get(name, 0.0) + value / n
         # 2. cross-sample loss once, on leaves standing for the cached representations
         reps = {k: torch.cat([c[k] for c in cache]).requires_grad_(True) for k in obj.rep_keys}  # (b, D)
         scal = {k: v.detach().requires_grad_(True) for k, v in scalars.items()}
         with torch.enable_grad():
             cross = obj.cross_sample({**reps, **self._fields(batch)}, scal)
+            total = cross["loss"].detach() + sum(losses.values())
+            if not self._finite_everywhere(total):
+                return SKIPPED
             leaves = list(reps.values()) + list(scal.values())
             grads = torch.autograd.grad(cross["loss"], leaves, allow_unused=True)
         g_rep = dict(zip(reps, grads[: len(reps)]))
         g_scal = dict(zip(scal, grads[len(reps) :]))
         # 3. re-encode each chunk with grad, replaying its RNG
-        losses = {k: v.detach() for k, v in cross.items()}
         with self._one_reduction():
             start = 0
             for i, chunk in enumerate(chunks):
@@ -113,13 +128,12 @@ class Step:
                 surrogate = sum((out[k] * g[start : start + b]).sum() for k, g in g_rep.items() if g is not None)
                 if i == 0:  # per-step scalars: their gradient counted once
                     surrogate = surrogate + sum((out[k] * g).sum() for k, g in g_scal.items() if g is not None)
-                for name, value in obj.per_sample(out, chunk).items():
+                for value in obj.per_sample(out, chunk).values():
                     surrogate = surrogate + value / n
-                    losses[name] = losses.get(name, 0.0) + value.detach() / n
-                    losses["loss"] = losses["loss"] + value.detach() / n
                 self._backward(surrogate, last=i == len(chunks) - 1)
                 start += b
-        return losses
+        self.engine.step()
+        return {**{k: v.detach() for k, v in cross.items()}, **losses, "loss": total}
 
     @contextlib.contextmanager
     def _one_reduction(self):
