@@ -14,7 +14,9 @@ the next start.
 """
 from __future__ import annotations
 
+import argparse
 import glob
+import json
 import os
 import random
 import shutil
@@ -27,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from vlp.engine import dist
 
 MODEL_FILE = "model.safetensors"
+META_FILE = "vlp.json"  # world size and ZeRO stage the checkpoint was written with
 
 
 def ckpt_dir(run_dir: str) -> str:
@@ -96,6 +99,9 @@ def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: in
     weights = full_state_dict(engine)
     torch.save(_rng_state(), os.path.join(root, tmp, f"rng_rank{dist.rank()}.pt"))
     if dist.rank() == 0:
+        meta = {"world_size": dist.world_size(), "zero_stage": engine.zero_optimization_stage(), "step": step}
+        with open(os.path.join(root, tmp, META_FILE), "w") as f:
+            json.dump(meta, f)
         save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(root, tmp, MODEL_FILE))
     dist.barrier()  # every rank's shard is on disk before the checkpoint becomes visible
     if dist.rank() == 0:
@@ -111,6 +117,7 @@ def _prune(root: str, keep: int) -> None:
     tags = sorted(p for p in os.listdir(root) if p.startswith("step_") and not p.endswith(".tmp"))
     for tag in tags[: max(0, len(tags) - keep)]:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        shutil.rmtree(os.path.join(root, f"universal_{tag}"), ignore_errors=True)
 
 
 def load(engine, run_dir: str) -> Optional[Dict[str, Any]]:
@@ -118,15 +125,55 @@ def load(engine, run_dir: str) -> Optional[Dict[str, Any]]:
     tag = latest_tag(run_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(
-        ckpt_dir(run_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    saved = _saved_world_size(run_dir, tag)
+    universal = saved != dist.world_size() and engine.zero_optimization_stage() > 0
+    if universal:  # ZeRO partitions the optimizer per rank: re-partition via DeepSpeed's universal format
+        tag = _to_universal(run_dir, tag)
+    engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time only
+    try:
+        path, client_state = engine.load_checkpoint(
+            ckpt_dir(run_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir(run_dir)}")
     rng = os.path.join(ckpt_dir(run_dir), tag, f"rng_rank{dist.rank()}.pt")
     if os.path.isfile(rng):  # absent when resuming with more ranks than were saved
         _set_rng_state(torch.load(rng, weights_only=False))
     return client_state
+
+
+def _saved_world_size(run_dir: str, tag: str) -> int:
+    path = os.path.join(ckpt_dir(run_dir), tag, META_FILE)
+    if not os.path.isfile(path):
+        return dist.world_size()
+    with open(path) as f:
+        return int(json.load(f)["world_size"])
+
+
+def _to_universal(run_dir: str, tag: str) -> str:
+    """Convert ``tag`` to DeepSpeed's universal checkpoint once (rank 0); its tag."""
+    root = ckpt_dir(run_dir)
+    out = f"universal_{tag}"
+    if dist.rank() == 0 and not os.path.isdir(os.path.join(root, out)):
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = os.path.join(root, f"{out}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            ds_to_universal(argparse.Namespace(
+                input_folder=os.path.join(root, tag), output_folder=tmp, num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+            ))
+        except Exception as e:  # noqa: BLE001 - report DeepSpeed's reason in one line
+            raise RuntimeError(
+                f"cannot resume {tag} (saved with {_saved_world_size(run_dir, tag)} ranks) on "
+                f"{dist.world_size()} ranks: DeepSpeed's universal conversion failed: {e}"
+            ) from None
+        os.replace(tmp, os.path.join(root, out))
+    dist.barrier()
+    return out
 
 
 def find_weights(path: str) -> Tuple[str, str]:

@@ -86,11 +86,16 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+# torch >= 2.14 names the single-tensor collectives *_single; older releases *_into_tensor / *_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod
@@ -98,7 +103,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == "nccl":
             out = grad.new_empty((grad.shape[0] // world_size(), *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
+            _reduce_scatter_single(out, grad)
             return out
         dist.all_reduce(grad)  # gloo has no reduce-scatter
         return grad.chunk(world_size())[rank()].clone()
