@@ -3,11 +3,15 @@
 Run with 1 process (reference) or under a launcher with 2; rank 0 writes the mean loss
 and the full updated weights of every (stage, chunk) case to OUT.
     python tests/dist_worker.py OUT            |  torchrun --nproc_per_node 2 tests/dist_worker.py OUT
+VLP_DIST_CASES=infonce:2:0[,siglip:0:0...] runs only those (objective:stage:chunk) cases and
+also saves, under "ranks", what each process saw (rank, world, launcher variables, host, pid).
 """
 import os
+import socket
 import sys
 
 import torch
+import torch.distributed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,6 +31,12 @@ SHORT = [(0, 0), (2, 0), (3, 4)]  # every other registered objective
 
 
 def cases():
+    picked = os.environ.get("VLP_DIST_CASES")
+    if picked:
+        for case in picked.split(","):
+            name, stage, chunk = case.split(":")
+            yield name, int(stage), int(chunk)
+        return
     from vlp.objectives import OBJECTIVES
 
     for name in OBJECTIVES.list():
@@ -51,12 +61,26 @@ def one_step(stage: int, chunk: int, objective: str):
     return float(loss), full_state_dict(engine)
 
 
+def launch_info() -> dict:
+    """What the launcher gave this process, read before init_distributed normalises it."""
+    seen = dist.env_info()
+    rank_vars = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+    return {"env_rank": seen.rank, "env_local_rank": seen.local_rank, "env_world": seen.world_size,
+            "rank_vars": [v for v in rank_vars if v in os.environ], "host": socket.gethostname(), "pid": os.getpid()}
+
+
 def main(out: str) -> None:
     quiet_deepspeed()
     torch.manual_seed(0)
+    seen = launch_info()
     results = {"init": create_model(tiny_model_cfg()).state_dict()}
     for objective, stage, chunk in cases():
         results[(objective, stage, chunk)] = one_step(stage, chunk, objective)
+    if os.environ.get("VLP_DIST_CASES"):
+        seen.update(rank=dist.rank(), world=dist.world_size())
+        ranks = [None] * dist.world_size()
+        torch.distributed.all_gather_object(ranks, seen)
+        results["ranks"] = ranks
     if dist.rank() == 0:
         torch.save(results, out)
 

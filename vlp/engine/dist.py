@@ -63,6 +63,8 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     os.environ.setdefault("MASTER_PORT", "29500")
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        _skip_deepspeed_shm_op()
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(
@@ -72,6 +74,18 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return info
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op at init on CPU (10-100 s, a
+    compiler on every machine); it serves inference all-reduce only, training uses
+    torch.distributed. Marking it incompatible makes DeepSpeed skip the build."""
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def device_for(info: DistInfo) -> torch.device:
