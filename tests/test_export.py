@@ -1,18 +1,24 @@
-"""Export round-trips: what `vlp export` writes loads in open_clip (and back in vlp) unchanged."""
+"""Export round-trips: what `vlp export` writes loads in open_clip, timm, transformers (and back in
+vlp) with identical outputs; a real ZeRO-3 checkpoint exports its gathered and its fp32 master weights."""
 import json
 import os
+import subprocess
+import sys
 import uuid
 
 import open_clip
 import pytest
+import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import TAG, make_tiny_run
+from tests.helpers import TAG, TINY_MODEL, make_tiny_run
 from vlp.cli import main
 from vlp.engine.checkpoint import load_model_from_run
-from vlp.export import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, export, export_open_clip
+from vlp.export import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, TIMM_HEAD, export, export_open_clip, save_hf_towers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CAPTIONS = ["a handwritten seven", "the digit 3", "a photo of a cat", ""]
 
@@ -131,3 +137,210 @@ def test_safetensors_export_loads_with_load_model_from_run(tmp_path):
     _, ours, tokenizer, _ = load_model_from_run(run)
     _, reloaded, _, _ = load_model_from_run(os.path.join(out, "model.safetensors"))
     _assert_same_embeddings(ours, reloaded, tokenizer)
+
+
+# ---- timm: the image tower ----------------------------------------------------------------
+
+VIT = TINY_MODEL["image"]
+VIT_VARIANTS = {
+    "tok": {},
+    "avg_ln_after_pool_layer_scale": {
+        "image": {**VIT, "pool_type": "avg", "final_ln_after_pool": True, "ls_init_value": 0.5}
+    },
+    "avg_no_ln_pre_quick_gelu": {"image": {**VIT, "pool_type": "avg", "no_ln_pre": True}, "quick_gelu": True},
+}
+
+
+def _images(size: int = 32):
+    return torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("variant", list(VIT_VARIANTS), ids=list(VIT_VARIANTS))
+def test_timm_vit_gives_our_image_features(tmp_path, variant):
+    run = make_tiny_run(tmp_path, **VIT_VARIANTS[variant])
+    out = export(run, "timm", str(tmp_path / "timm"))
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    _, ours, _, _ = load_model_from_run(run)
+    theirs = timm.create_model("local-dir:" + out, pretrained=True).eval()
+    assert type(theirs).__name__ == "VisionTransformer"
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_images()), ours.encode_image(_images()), atol=1e-5, rtol=0)
+
+
+def test_timm_vit_file_with_pretrained_cfg_overlay(tmp_path):
+    """The other documented route: an entry point + its model_args + the weights file."""
+    run = make_tiny_run(tmp_path)
+    out = export(run, "timm", str(tmp_path / "timm"))
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["architecture"] == "vit_base_patch16_clip_224" and config["num_classes"] == TINY_MODEL["embed_dim"]
+    # our preprocessing, not the entry point's default tag's
+    pcfg = config["pretrained_cfg"]
+    assert pcfg["tag"] == "vlp" and "license" not in pcfg and pcfg["input_size"] == [3, 32, 32]
+    assert pcfg["mean"] == list(open_clip.OPENAI_DATASET_MEAN) and pcfg["crop_pct"] == 1.0
+    overlay = dict(file=os.path.join(out, "model.safetensors"), num_classes=config["num_classes"])
+    theirs = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                               **config["model_args"]).eval()
+    _, ours, _, _ = load_model_from_run(run)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_images()), ours.encode_image(_images()), atol=1e-5, rtol=0)
+
+
+def test_timm_export_rejects_vit_options_timm_lacks(tmp_path):
+    run = make_tiny_run(tmp_path, image={**VIT, "qk_norm": True})
+    with pytest.raises(ValueError, match=r"no exact timm VisionTransformer equivalent \(qk_norm=True\)"):
+        export(run, "timm", str(tmp_path / "timm"))
+
+
+@pytest.mark.parametrize("model_name", ["test_vit", "test_resnet"])
+def test_timm_tower_trunk_round_trips(tmp_path, model_name):
+    run = make_tiny_run(tmp_path, image={"name": "timm", "model_name": model_name, "image_size": 16})
+    out = export(run, "timm", str(tmp_path / "timm"))
+    assert sorted(os.listdir(out)) == ["config.json", TIMM_HEAD, "model.safetensors"]
+    _, ours, _, _ = load_model_from_run(run)
+    x = _images(16)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["architecture"] == model_name and config["model_args"]["num_classes"] == 0
+    by_dir = timm.create_model("local-dir:" + out, pretrained=True).eval()
+    # the trunk has no classifier: num_classes=0 (in model_args) is what makes the file load
+    overlay = dict(file=os.path.join(out, "model.safetensors"))
+    by_file = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay,
+                                **config["model_args"]).eval()
+    with pytest.raises(RuntimeError, match="Missing key"):
+        timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay)
+    head = load_file(os.path.join(out, TIMM_HEAD))
+    assert sorted(head) == ["proj.weight"]  # open_clip TimmModel head: dropout + linear projection
+    with torch.no_grad():
+        trunk = ours.visual.trunk(x)
+        torch.testing.assert_close(by_dir(x), trunk, atol=1e-5, rtol=0)
+        torch.testing.assert_close(by_file(x), trunk, atol=1e-5, rtol=0)
+        torch.testing.assert_close(by_dir(x) @ head["proj.weight"].T, ours.encode_image(x), atol=1e-5, rtol=0)
+
+
+# ---- hf ---------------------------------------------------------------------------------------
+
+
+def test_hf_export_names_the_towers_that_are_not_transformers_models(tmp_path, capsys):
+    run = make_tiny_run(tmp_path)
+    msg = r"none here is: visual \(VisionTransformer\), text \(TextTransformer\)"
+    with pytest.raises(ValueError, match=msg):
+        export(run, "hf", str(tmp_path / "hf"))
+    assert main(["export", "--checkpoint", run, "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "none here is: visual (VisionTransformer)" in capsys.readouterr().err
+
+
+def test_hf_towers_save_pretrained_round_trip(tmp_path):
+    """A transformers tower (open_clip HFTextEncoder layout: .transformer + own head) round-trips."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    class HFTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32))
+            self.proj = torch.nn.Linear(16, 8, bias=False)
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.visual, model.text = torch.nn.Linear(4, 4), HFTower().eval()
+    with pytest.warns(UserWarning, match=r"visual \(Linear\) is not a transformers model"):
+        written = save_hf_towers(model, str(tmp_path / "hf"))
+    assert written == {"text": str(tmp_path / "hf" / "text")}
+    reloaded = AutoModel.from_pretrained(written["text"]).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).last_hidden_state, model.text.transformer(ids).last_hidden_state,
+                                   atol=1e-6, rtol=0)
+    head = load_file(os.path.join(written["text"], "head.safetensors"))
+    assert torch.equal(head["proj.weight"], model.text.proj.weight)
+
+
+# ---- a real ZeRO-3 checkpoint: gathered 16-bit weights and consolidated fp32 master weights ----
+
+
+def make_zero3_runs(out: str) -> None:
+    """RUN dirs OUT/{fp32,bf16}: 2 DeepSpeed ZeRO-3 steps of the tiny model, then vlp's checkpoint."""
+    from vlp.config import load_config, save_config
+    from vlp.engine import checkpoint, dist
+    from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
+    from vlp.engine.optim import OptimConfig
+    from vlp.engine.step import Step
+    from vlp.models import ModelConfig, create_model
+    from vlp.objectives import build_objective
+
+    quiet_deepspeed()
+    dist.init_distributed("gloo")
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(8, 3, 32, 32, generator=g), "text": torch.randint(1, 49407, (8, 16), generator=g)}
+    for precision in ("fp32", "bf16"):
+        run = os.path.join(out, precision)
+        overrides = ["data.workers=0", f"run.dir={run}", "engine.zero_stage=3", f"engine.precision={precision}"]
+        cfg = load_config(None, overrides)
+        cfg.model = ModelConfig(**TINY_MODEL)
+        torch.manual_seed(0)
+        engine, _, _ = build_engine(create_model(cfg.model), cfg.engine, OptimConfig(lr=1e-2, warmup_steps=0), 8)
+        step = Step(engine, build_objective({"name": "infonce"}), torch.device("cpu"))
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        for _ in range(2):
+            step({**batch, "image": batch["image"].to(dtype)})
+        os.makedirs(run, exist_ok=True)
+        save_config(cfg, os.path.join(run, "config.yaml"))
+        checkpoint.save(engine, run, 2, {"step": 2})
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["OMP_NUM_THREADS"] = "1"
+    code = f"from tests.test_export import make_zero3_runs; make_zero3_runs({str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {p: str(out / p) for p in ("fp32", "bf16")}
+
+
+def _gathered(run):
+    return load_file(os.path.join(run, "checkpoints", "step_00000002", "model.safetensors"))
+
+
+def _cli_export(run, out, capsys, *flags):
+    assert main(["export", "--checkpoint", run, "--format", "safetensors", "--out", out, *flags]) == 0
+    assert capsys.readouterr().out.strip() == out  # DeepSpeed's progress lines go to stderr
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_zero3_fp32_run_exports_identical_tensors(zero3_runs, tmp_path, capsys):
+    run = zero3_runs["fp32"]
+    gathered = _gathered(run)
+    plain = _cli_export(run, str(tmp_path / "plain"), capsys)
+    master = _cli_export(run, str(tmp_path / "master"), capsys, "--fp32-from-zero")
+    assert plain.keys() == master.keys() == gathered.keys()
+    for k in gathered:
+        assert torch.equal(plain[k], gathered[k]) and torch.equal(master[k], gathered[k]), k
+
+
+@pytest.mark.slow
+def test_zero3_bf16_run_exports_fp32_master_weights(zero3_runs, tmp_path, capsys):
+    run = zero3_runs["bf16"]
+    gathered = _gathered(run)
+    assert {v.dtype for v in gathered.values()} == {torch.bfloat16}
+    master = _cli_export(run, str(tmp_path / "master"), capsys, "--fp32-from-zero")
+    assert master.keys() == gathered.keys() and {v.dtype for v in master.values()} == {torch.float32}
+    # the master weights round to the saved 16-bit ones, and carry bits they lack
+    assert all(torch.equal(master[k].to(torch.bfloat16), gathered[k]) for k in gathered)
+    assert any(not torch.equal(master[k], gathered[k].float()) for k in gathered)
+    # every format takes them: the open_clip folder holds the same fp32 tensors
+    oc = export(run, "open_clip", str(tmp_path / "oc"), fp32_from_zero=True)
+    exported = load_file(os.path.join(oc, OPEN_CLIP_WEIGHTS))
+    assert all(torch.equal(exported[k], master[k]) for k in master)
+
+
+def test_fp32_from_zero_needs_optimizer_shards(tmp_path, capsys):
+    run = make_tiny_run(tmp_path)  # model.safetensors only, as a ZeRO-0 run or an export folder
+    assert main(["export", "--checkpoint", run, "--format", "safetensors", "--out", str(tmp_path / "o"),
+                 "--fp32-from-zero"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a DeepSpeed ZeRO 1-3 checkpoint" in err

@@ -1,8 +1,12 @@
-"""Settings of the engine: DeepSpeed ZeRO, precision, distributed init, gradient cache."""
+"""Settings of the engine: DeepSpeed ZeRO, precision, distributed init, gradient cache.
+
+How ``preset``, the ZeRO fields and ``deepspeed`` combine into one DeepSpeed config is
+described in ``vlp/engine/deepspeed_engine.py`` and docs/ZERO.md.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 
 @dataclass
@@ -12,11 +16,14 @@ class GradCacheConfig:
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    # A ZeRO preset: a built-in name (zero0, zero1, zero2, zero3, zero3_offload; written
+    # out in configs/deepspeed/) or a path to a DeepSpeed JSON file; the fields below override it.
+    preset: Optional[str] = None
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3; with a preset, 0 keeps the preset's stage
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 are for GPUs)
-    offload_optimizer: bool = False  # ZeRO optimizer states on CPU
-    offload_params: bool = False  # ZeRO-3 parameters on CPU
+    offload_optimizer: bool = False  # ZeRO optimizer states on CPU (true adds it to a preset)
+    offload_params: bool = False  # ZeRO-3 parameters on CPU (true adds it to a preset)
     backend: str = "auto"  # nccl on GPUs, gloo on CPU
     timeout_s: int = 600  # collective timeout: a dead rank fails the others after this
     grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
-    deepspeed: Dict[str, Any] = field(default_factory=dict)  # raw fields merged over ours
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # raw fields merged over everything above
