@@ -15,6 +15,7 @@ Cached step for a local batch of b samples split into K chunks:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Dict, List
 
 import torch
@@ -57,6 +58,7 @@ class Step:
         self.objective = objective
         self.device = device
         self.chunk_size = chunk_size
+        self._warned = False
 
     def __call__(self, batch: Batch) -> Dict[str, float]:
         """One optimizer step. A non-finite loss on any rank skips the step on every rank
@@ -137,10 +139,17 @@ class Step:
 
     @contextlib.contextmanager
     def _one_reduction(self):
-        if self.engine.zero_optimization_stage() > 0:
+        stage = self.engine.zero_optimization_stage()
+        if stage > 0 and hasattr(self.engine.optimizer, "_coalesce_grad_reduction"):
             with self.engine.coalesce_grad_reduction():
                 yield
         else:
+            if stage > 0 and not self._warned:
+                # e.g. DeepSpeed's BF16_Optimizer (bf16 + fp32 grad accumulation): still exact,
+                # but gradients are reduced once per chunk instead of once per step
+                warnings.warn(f"{type(self.engine.optimizer).__name__} cannot coalesce gradient reduction; "
+                              "reducing once per chunk")
+                self._warned = True
             yield
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
