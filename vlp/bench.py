@@ -5,17 +5,36 @@ trainer path (DeepSpeed engine + gradient-cache-ready Step + InfoNCE objective) 
 a plain open_clip loop (CustomTextCLIP + ClipLoss + torch AdamW) on the same model
 config and batch, fp32. Timings alternate between the two so that drift on a shared
 machine hits both alike; the median over repeats is reported.
+
+``vlp bench loss``: forward+backward of InfoNCE alone, vlp's tiled loss against
+open_clip's ``ClipLoss`` on the same random unit-norm features (fp32), timed alternately
+in one process; the peak memory of each is measured in a fresh child process.
+
+``vlp bench gradcache``: the gradient-cached ``Step`` (DeepSpeed engine, tiny model) at
+growing global batch with a fixed chunk: peak memory and step time per batch, plus the
+time of a cached step relative to an uncached one at the same batch.
+
+Memory method. On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes
+before the call. On CPU: the process RSS high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) minus the RSS just before the call, in a child started with
+glibc's mmap/trim thresholds fixed at 128 KiB: otherwise glibc keeps freed blocks and a
+warmed-up process reuses them without RSS moving, so a later call would read ~0 MB.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, Dict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List
 
 import torch
 
-from vlp.engine.config import EngineConfig
+from vlp.engine.config import EngineConfig, GradCacheConfig
 from vlp.engine.optim import OptimConfig, build_optimizer
 from vlp.models.factory import ModelConfig
 
@@ -34,7 +53,7 @@ def _batch(batch_size: int, context_length: int, image_size: int) -> Dict[str, t
     }
 
 
-def _vlp_step(batch) -> Callable[[], None]:
+def _vlp_step(batch, chunk_size: int = 0) -> Callable[[], None]:
     from vlp.engine import dist
     from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
     from vlp.engine.step import Step
@@ -45,8 +64,9 @@ def _vlp_step(batch) -> Callable[[], None]:
     dist.init_distributed("gloo")
     torch.manual_seed(0)
     model = create_model(BENCH_MODEL)
-    engine, _, _ = build_engine(model, EngineConfig(), OptimConfig(warmup_steps=0), len(batch["image"]))
-    step = Step(engine, build_objective({"name": "infonce"}), torch.device("cpu"))
+    engine_cfg = EngineConfig(grad_cache=GradCacheConfig(chunk_size))
+    engine, _, _ = build_engine(model, engine_cfg, OptimConfig(warmup_steps=0), len(batch["image"]))
+    step = Step(engine, build_objective({"name": "infonce"}), torch.device("cpu"), chunk_size)
     return lambda: step(batch)
 
 
@@ -117,6 +137,244 @@ def _run_step(args) -> int:
     return 0
 
 
+# ---- memory: one call's peak, in a fresh child process ----------------------------------
+
+_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}  # see module doc
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Extra memory at the peak of ``fn()`` over what was live before it (module doc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    except OSError:  # not Linux: the lifetime high-water mark, a lower bound if imports peaked higher
+        import resource
+
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB on Linux
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / scale
+    base = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def _in_child(spec: Dict) -> Dict:
+    """Run ``_child(spec)`` in a fresh interpreter (own high-water mark) and return its dict."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}  # a 1-process child
+    code = "import sys; from vlp.bench import _child_main; _child_main(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env={**env, **_CHILD_ENV},
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {spec} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _in_children(specs: List[Dict], workers: int = 3) -> List[Dict]:
+    """Children run side by side: each measures its own high-water mark, so they may overlap."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(_in_child, specs))
+
+
+def _child(spec: Dict) -> Dict:
+    kind = spec.pop("kind")
+    return {"loss": _loss_child, "gradcache": _gradcache_child}[kind](**spec)
+
+
+def _child_main(spec_json: str) -> None:
+    print(json.dumps(_child(json.loads(spec_json))), flush=True)
+    os._exit(0)  # skip interpreter and process-group teardown (~2 s): the result is out
+
+
+def _sync_time(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def _alternate(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device) -> Dict[str, float]:
+    """Median seconds of each fn, timed in turn so that machine drift hits all alike."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(_sync_time(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- bench loss: tiled InfoNCE vs open_clip's ClipLoss ------------------------------------
+
+
+def _unit_inputs(batch: int, dim: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1) for _ in range(2))
+    scale = torch.tensor([1 / 0.07])
+    return tuple(t.to(device).requires_grad_(True) for t in (x, y, scale))  # (N, D), (N, D), (1,)
+
+
+def _loss_fn(impl: str, tile_size: int) -> Callable:
+    if impl == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss()
+    from vlp.objectives import build_objective
+
+    ours = build_objective({"name": "infonce", "tile_above": 0, "tile_size": tile_size})  # always tiled
+    return lambda x, y, s: ours.cross_sample({"image": x, "text": y}, {"logit_scale": s})["loss"]
+
+
+def _fwd_bwd(loss_fn: Callable, x, y, scale):
+    loss = loss_fn(x, y, scale)
+    return (loss.detach(), *torch.autograd.grad(loss, (x, y, scale)))  # loss, dx, dy, ds
+
+
+def _loss_child(impl: str, batch: int, dim: int, tile_size: int, device: str) -> Dict:
+    dev = torch.device(device)
+    fn = _loss_fn(impl, tile_size)
+    _fwd_bwd(fn, *_unit_inputs(64, dim, dev))  # libraries' one-time buffers outside the measurement
+    inputs = _unit_inputs(batch, dim, dev)
+    return {"peak_mb": _peak_mb(lambda: _fwd_bwd(fn, *inputs), dev)}
+
+
+def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: int = 2048,
+               device: str = "") -> Dict[str, float]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    inputs = _unit_inputs(batch, dim, dev)
+    fns = {k: _loss_fn(k, tile_size) for k in ("vlp", "open_clip")}
+    outs = {k: _fwd_bwd(fn, *inputs) for k, fn in fns.items()}  # also the warm-up
+    diffs = [float((a - b).abs().max()) for a, b in zip(outs["vlp"], outs["open_clip"])]  # loss, dx, dy, ds
+    scale_rel = diffs[3] / float(outs["open_clip"][3].abs().max())
+    del outs
+    secs = _alternate({k: (lambda fn=fn: _fwd_bwd(fn, *inputs)) for k, fn in fns.items()}, repeats, dev)
+    del inputs
+    spec = {"kind": "loss", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev)}
+    peak = dict(zip(fns, (r["peak_mb"] for r in _in_children([{**spec, "impl": k} for k in fns]))))
+    return {
+        "vlp_s": round(secs["vlp"], 4),
+        "open_clip_s": round(secs["open_clip"], 4),
+        "speedup": round(secs["open_clip"] / secs["vlp"], 3),
+        "vlp_peak_mb": round(peak["vlp"], 1),
+        "open_clip_peak_mb": round(peak["open_clip"], 1),
+        "memory_ratio": round(peak["vlp"] / peak["open_clip"], 4),
+        "max_abs_diff": max(diffs[:3]),  # loss, d image, d text
+        "scale_grad_rel_diff": scale_rel,
+        "batch": batch, "dim": dim, "tile_size": tile_size, "repeats": repeats,
+        "device": str(dev), "threads": torch.get_num_threads(),
+    }
+
+
+def _run_loss(args) -> int:
+    r = bench_loss(args.batch, args.dim, args.repeats, args.tile_size, args.device)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(
+            f"InfoNCE fwd+bwd, batch {r['batch']} dim {r['dim']}: vlp {r['vlp_s']:.3f} s, open_clip "
+            f"{r['open_clip_s']:.3f} s (x{r['speedup']:.2f}); peak {r['vlp_peak_mb']:.0f} vs "
+            f"{r['open_clip_peak_mb']:.0f} MB (ratio {r['memory_ratio']:.3f}); max |diff| {r['max_abs_diff']:.2e}"
+        )
+    return 0
+
+
+def _add_loss_parser(bsub) -> None:
+    p = bsub.add_parser("loss", help="InfoNCE forward+backward: vlp's tiled loss vs open_clip's ClipLoss")
+    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tile-size", type=int, default=2048)
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_loss)
+
+
+# ---- bench gradcache: memory and time of the cached step as the batch grows --------------
+
+
+def _gradcache_child(batch: int, chunk: int) -> Dict:
+    data = _batch(batch, BENCH_MODEL.text["context_length"], BENCH_MODEL.image["image_size"])
+    step = _vlp_step(data, chunk)
+    step()  # warm-up: optimizer state and gradient buffers exist before the measurement
+    return {"peak_mb": _peak_mb(step, torch.device("cpu"))}
+
+
+def _repeats_for(batch: int, budget: int = 2048) -> int:
+    return max(3, min(10, budget // batch))  # fewer repeats for large batches keeps the bench short
+
+
+def _step_seconds(batch: int, chunks: Dict[str, int], repeats: int = 0) -> Dict[str, float]:
+    """Median step time at ``batch`` for each named chunk size, timed alternately."""
+    data = _batch(batch, BENCH_MODEL.text["context_length"], BENCH_MODEL.image["image_size"])
+    steps = {k: _vlp_step(data, c) for k, c in chunks.items()}  # same init (seed 0)
+    for step in steps.values():
+        step()  # warm-up
+    return _alternate(steps, repeats or _repeats_for(batch), torch.device("cpu"))
+
+
+def bench_gradcache(batches=(64, 128, 256, 512, 1024), chunk: int = 64, overhead_batch: int = 512,
+                    repeats: int = 0) -> Dict:
+    """Peak memory (fresh child each) and step time per batch at a fixed chunk; repeats 0 = by batch."""
+    for n in (*batches, overhead_batch):
+        if n % chunk:
+            raise ValueError(f"chunk size {chunk} must divide every batch, got batch {n}")
+    specs = [{"kind": "gradcache", "batch": n, "chunk": c} for n, c in [*((n, chunk) for n in batches),
+                                                                        (overhead_batch, 0)]]
+    peaks = [r["peak_mb"] for r in _in_children(specs)]  # memory first: timing runs alone
+    rows = [{"global_batch": n, "chunk_size": chunk, "peak_mb": round(peak, 1),
+             "step_s": round(_step_seconds(n, {"cached": chunk}, repeats)["cached"], 4)}
+            for n, peak in zip(batches, peaks)]
+    ov = _step_seconds(overhead_batch, {"cached": chunk, "uncached": 0}, 2 * repeats)
+    return {
+        "rows": rows,
+        "memory_growth": round(rows[-1]["peak_mb"] / rows[0]["peak_mb"], 3),  # largest / smallest batch
+        "time_overhead": round(ov["cached"] / ov["uncached"], 3),
+        "overhead_batch": overhead_batch,
+        "cached_step_s": round(ov["cached"], 4),
+        "uncached_step_s": round(ov["uncached"], 4),
+        "uncached_peak_mb": round(peaks[-1], 1),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _run_gradcache(args) -> int:
+    batches = tuple(int(b) for b in args.batches.split(","))
+    r = bench_gradcache(batches, args.chunk_size, args.overhead_batch, args.repeats)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for row in r["rows"]:
+        print(f"batch {row['global_batch']:>5} chunk {row['chunk_size']}: peak {row['peak_mb']:.1f} MB, "
+              f"step {row['step_s']:.3f} s")
+    print(f"memory growth x{r['memory_growth']:.2f}; cached/uncached step time at batch "
+          f"{r['overhead_batch']}: x{r['time_overhead']:.2f}")
+    return 0
+
+
+def _add_gradcache_parser(bsub) -> None:
+    p = bsub.add_parser("gradcache", help="gradient-cached step: peak memory and time as the batch grows")
+    p.add_argument("--batches", default="64,128,256,512,1024", help="comma-separated global batch sizes")
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--overhead-batch", type=int, default=512, help="batch of the cached/uncached time ratio")
+    p.add_argument("--repeats", type=int, default=0, help="timed steps per batch (0: 3-10, fewer for big batches)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_gradcache)
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time vlp against open_clip in one process")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -125,3 +383,5 @@ def add_bench_parser(sub) -> None:
     s.add_argument("--repeats", type=int, default=20)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_run_step)
+    _add_loss_parser(bsub)
+    _add_gradcache_parser(bsub)

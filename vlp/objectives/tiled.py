@@ -13,9 +13,11 @@ The only part of the cross-entropy that couples all columns is the log-partition
 
 Forward: one matmul per tile, per-tile LSEs merged online with ``logaddexp``; only the
 (b,) and (N,) LSE vectors are saved. Backward: the tile's logits are recomputed and both
-softmaxes come from the same tile, two more matmuls. In all 4·b·N·D multiply-adds, where
-the plain loss (two logit matrices, each backpropagated to both inputs) does 6·b·N·D.
-The target terms of the cross-entropy are O(b·D) and left to ordinary autograd:
+softmaxes come from the same tile, two more matmuls. Cost in multiply-adds: on one
+process both directions come from X·Yᵀ, 4·N²·D against the plain loss's 6·N²·D (two
+logit matrices, each backpropagated to both inputs); on W ranks the two directions are
+different (b, N) slabs, 2 × 4·b·N·D per rank against 6·b·N·D: tiling then trades time
+for memory. The target terms of the cross-entropy are O(b·D) and left to autograd:
 
     CE_ε(row i) = lse_row_i − (1 − ε)·z_{i,pos(i)} − ε·mean_j z_ij,   mean_j z_ij = s·a_i·mean(C)
 """
