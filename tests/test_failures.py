@@ -77,3 +77,12 @@ def test_dead_rank_then_resume(digits, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
     assert f"resumed from step {int(tag.split('_')[1])}" in outs[0][0]
     assert _latest(run) == "step_00000030"
+
+
+def test_label_objective_rejects_unlabelled_samples():
+    cfg = tiny_model_cfg()
+    model = create_model(cfg)
+    batch = tiny_batch(8, cfg)
+    batch["label"][2] = -1  # what the stream yields for a sample without `cls`
+    with pytest.raises(ValueError, match="needs a label on every sample"):
+        Step(PlainEngine(model), build_objective({"name": "supcon"}), torch.device("cpu"))(batch)

@@ -76,7 +76,11 @@ class Step:
 
     def _fields(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """Batch fields the cross-sample part reads (labels), on the device, no grad."""
-        return {k: batch[k].to(self.device) for k in self.objective.batch_keys}
+        fields = {k: batch[k].to(self.device) for k in self.objective.batch_keys}
+        if "label" in fields and bool((fields["label"] < 0).any()):  # the stream's "no label"
+            raise ValueError(f"objective {type(self.objective).__name__} needs a label on every sample "
+                             "(data.label_key); this batch has samples without one")
+        return fields
 
     def _loss(self, out, batch, n: int) -> Dict[str, torch.Tensor]:
         obj = self.objective
