@@ -36,13 +36,18 @@ import torch
 
 from vlp.engine.config import EngineConfig, GradCacheConfig
 from vlp.engine.optim import OptimConfig, build_optimizer
-from vlp.models.factory import ModelConfig
 
-BENCH_MODEL = ModelConfig(
-    embed_dim=64,
-    image={"name": "open_clip", "image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
-    text={"name": "open_clip", "context_length": 16, "width": 128, "heads": 4, "layers": 2},
-)
+
+def bench_model():
+    """The quickstart's tiny CLIP. Built on call: importing open_clip costs seconds, and
+    ``vlp --help`` imports this module."""
+    from vlp.models.factory import ModelConfig
+
+    return ModelConfig(
+        embed_dim=64,
+        image={"name": "open_clip", "image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
+        text={"name": "open_clip", "context_length": 16, "width": 128, "heads": 4, "layers": 2},
+    )
 
 
 def _batch(batch_size: int, context_length: int, image_size: int) -> Dict[str, torch.Tensor]:
@@ -63,7 +68,7 @@ def _vlp_step(batch, chunk_size: int = 0) -> Callable[[], None]:
     quiet_deepspeed()
     dist.init_distributed("gloo")
     torch.manual_seed(0)
-    model = create_model(BENCH_MODEL)
+    model = create_model(bench_model())
     engine_cfg = EngineConfig(grad_cache=GradCacheConfig(chunk_size))
     engine, _, _ = build_engine(model, engine_cfg, OptimConfig(warmup_steps=0), len(batch["image"]))
     step = Step(engine, build_objective({"name": "infonce"}), torch.device("cpu"), chunk_size)
@@ -77,7 +82,7 @@ def _open_clip_step(batch) -> Callable[[], None]:
     from vlp.models.factory import open_clip_model_cfg
 
     torch.manual_seed(0)
-    cfg = open_clip_model_cfg(BENCH_MODEL)
+    cfg = open_clip_model_cfg(bench_model())
     cfg.pop("custom_text")
     model = open_clip.CustomTextCLIP(**cfg)
     opt_cfg = OptimConfig(warmup_steps=0)
@@ -103,7 +108,7 @@ def _time(fn: Callable[[], None]) -> float:
 
 
 def bench_step(batch_size: int = 128, repeats: int = 20, warmup: int = 3) -> Dict[str, float]:
-    txt_cfg, img_cfg = BENCH_MODEL.text, BENCH_MODEL.image
+    txt_cfg, img_cfg = bench_model().text, bench_model().image
     batch = _batch(batch_size, txt_cfg["context_length"], img_cfg["image_size"])
     ours, ref = _vlp_step(batch), _open_clip_step(batch)
     for _ in range(warmup):
@@ -307,7 +312,7 @@ def _add_loss_parser(bsub) -> None:
 
 
 def _gradcache_child(batch: int, chunk: int) -> Dict:
-    data = _batch(batch, BENCH_MODEL.text["context_length"], BENCH_MODEL.image["image_size"])
+    data = _batch(batch, bench_model().text["context_length"], bench_model().image["image_size"])
     step = _vlp_step(data, chunk)
     step()  # warm-up: optimizer state and gradient buffers exist before the measurement
     return {"peak_mb": _peak_mb(step, torch.device("cpu"))}
@@ -319,7 +324,7 @@ def _repeats_for(batch: int, budget: int = 2048) -> int:
 
 def _step_seconds(batch: int, chunks: Dict[str, int], repeats: int = 0) -> Dict[str, float]:
     """Median step time at ``batch`` for each named chunk size, timed alternately."""
-    data = _batch(batch, BENCH_MODEL.text["context_length"], BENCH_MODEL.image["image_size"])
+    data = _batch(batch, bench_model().text["context_length"], bench_model().image["image_size"])
     steps = {k: _vlp_step(data, c) for k, c in chunks.items()}  # same init (seed 0)
     for step in steps.values():
         step()  # warm-up
