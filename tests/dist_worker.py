@@ -30,6 +30,10 @@ FULL = [(0, 0), (1, 0), (2, 0), (3, 0), (2, 4), (3, 4)]  # (zero stage, chunk si
 SHORT = [(0, 0), (2, 0), (3, 4)]  # every other registered objective
 
 
+# named objective specs beyond registry defaults: the tiled InfoNCE path at a tiny size
+VARIANTS = {"infonce_tiled": {"name": "infonce", "tile_above": 0, "tile_size": 3}}
+
+
 def cases():
     picked = os.environ.get("VLP_DIST_CASES")
     if picked:
@@ -39,14 +43,14 @@ def cases():
         return
     from vlp.objectives import OBJECTIVES
 
-    for name in OBJECTIVES.list():
+    for name in [*OBJECTIVES.list(), *VARIANTS]:
         for stage, chunk in FULL if name in ("infonce", "siglip") else SHORT:
             yield name, stage, chunk
 
 
 def one_step(stage: int, chunk: int, objective: str):
     info = dist.init_distributed("gloo")
-    obj = build_objective({"name": objective})
+    obj = build_objective(VARIANTS.get(objective, {"name": objective}))
     kw = {"init_logit_bias": -10.0} if "logit_bias" in obj.scalar_keys else {}
     cfg = tiny_model_cfg(**kw)
     torch.manual_seed(0)
