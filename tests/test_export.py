@@ -292,9 +292,9 @@ def make_zero3_runs(out: str) -> None:
 @pytest.fixture(scope="module")
 def zero3_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["OMP_NUM_THREADS"] = "1"
+    from tests.tiny import child_env
+
+    env = child_env()
     code = f"from tests.test_export import make_zero3_runs; make_zero3_runs({str(out)!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -130,9 +130,9 @@ def test_every_preset_builds_an_engine_and_steps(tmp_path):
     from vlp.models import create_model
 
     out = tmp_path / "steps.pt"
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["OMP_NUM_THREADS"] = "1"
+    from tests.tiny import child_env
+
+    env = child_env()
     code = f"from tests.test_presets import one_step_per_preset; one_step_per_preset({str(out)!r}, {NAMES!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.tiny import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "quickstart", "clip_digits.yaml")
 TINY = [
@@ -19,9 +21,7 @@ TINY = [
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return child_env()
 
 
 def vlp(*args, check=True, timeout=600):

@@ -48,3 +48,16 @@ class PlainEngine:
         import contextlib
 
         return contextlib.nullcontext()
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra) -> dict:
+    """Environment for a child process: no launcher variables inherited from this one
+    (an in-process engine may have set them), one thread, unbuffered output."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env

@@ -196,7 +196,7 @@ def build_engine(model: torch.nn.Module, engine_cfg: EngineConfig, optim_cfg: Op
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
     )
     if engine.zero_optimization_stage() == 0 and engine.world_size == 1:
-        # DeepSpeed all-reduces every gradient even over one rank (~10% of a small step)
+        # DeepSpeed all-reduces every gradient even over one rank
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 
