@@ -87,6 +87,7 @@ def main(out: str) -> None:
         results["ranks"] = ranks
     if dist.rank() == 0:
         torch.save(results, out)
+    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ torch.distributed.all_gather_object(views, {"rank": dist.rank(), "world": dist.w
                                             "local_rank": seen.local_rank, "node": os.environ["PROBE_NODE"]})
 if dist.rank() == 0:
     json.dump(views, open(sys.argv[1], "w"))
+dist.shutdown()
 '''
 
 

@@ -268,7 +268,9 @@ def _collective_failed(e: RuntimeError) -> bool:
 def train(cfg: Config) -> Dict[str, Any]:
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        dist.shutdown()
+        return result
     except RuntimeError as e:
         # a dead peer surfaces here (connection closed, or the engine.timeout_s deadline);
         # the last complete checkpoint is untouched and the restarted job resumes from it

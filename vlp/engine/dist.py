@@ -161,3 +161,16 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group together: a barrier, then destroy it.
+
+    Without this a rank that finishes first tears its gloo pairs down while a peer is
+    still in its last collective or its own teardown, and that peer aborts
+    ("terminate called without an active exception") although all work is done.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
