@@ -74,7 +74,8 @@ class Trainer:
         self.train_transform, self.eval_transform = build_transforms(cfg.model, model)
         self.objective = build_objective(cfg.objective)
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size)
-        self.step_fn = Step(self.engine, self.objective, self.device, cfg.engine.grad_cache.chunk_size)
+        self.step_fn = Step(self.engine, self.objective, self.device, cfg.engine.grad_cache.chunk_size,
+                            total_steps=cfg.optim.steps, seed=cfg.run.seed)
         seed_all(cfg.run.seed + 1000 * self.info.rank + 1)  # per-rank dropout and augmentation
 
     # --- data -----------------------------------------------------------------------
@@ -178,7 +179,7 @@ class Trainer:
         while state.step < cfg.optim.steps:
             batch = next(data)
             state.skipped += int(batch.get("n_skipped", 0))
-            losses = self.step_fn(batch)
+            losses = self.step_fn(batch, step=state.step)
             if losses.get("skipped_step"):
                 bad_steps = self._skipped_step(bad_steps)
                 continue

@@ -209,11 +209,18 @@ def _to_sample(sample: Dict[str, Any], cfg: DataConfig, image_transform: Callabl
 
 
 def _collate(samples: List[Dict[str, Any]], counter: SkipCounter) -> Dict[str, Any]:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W)
-        "text": torch.stack([s["text"] for s in samples]),  # (B, L)
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),  # (B,)
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-        "n_skipped": counter.take(),
-    }
+    """Stack per-sample fields: tensors -> (B, ...), ints/floats -> (B,), anything else
+    (captions, keys) -> a list. New fields a sample builder adds need no change here."""
+    batch: Dict[str, Any] = {}
+    for key, first in samples[0].items():
+        values = [s[key] for s in samples]
+        if isinstance(first, torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(first, (bool, int)):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(first, float):
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[key] = values
+    batch["n_skipped"] = counter.take()
+    return batch

@@ -21,7 +21,7 @@ from typing import Dict, List
 import torch
 
 from vlp.engine import dist
-from vlp.objectives.base import Objective
+from vlp.objectives.base import Objective, StepContext
 
 Batch = Dict[str, object]
 SKIPPED = {"loss": torch.tensor(float("nan")), "skipped_step": torch.tensor(1.0)}
@@ -42,8 +42,12 @@ def model_inputs(batch: Batch, device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
 
 
+def _batch_len(batch: Batch) -> int:
+    return len(next(batch[k] for k in (*MODEL_INPUTS, "label") if k in batch))
+
+
 def split(batch: Batch, chunk_size: int) -> List[Batch]:
-    n = len(batch["image"] if "image" in batch else next(iter(batch.values())))
+    n = _batch_len(batch)
     return [
         {k: v[i : i + chunk_size] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
         for i in range(0, n, chunk_size)
@@ -53,17 +57,26 @@ def split(batch: Batch, chunk_size: int) -> List[Batch]:
 class Step:
     """Callable: ``step(batch) -> {name: float}``; does forward, backward and optimizer step."""
 
-    def __init__(self, engine, objective: Objective, device: torch.device, chunk_size: int = 0):
+    def __init__(self, engine, objective: Objective, device: torch.device, chunk_size: int = 0,
+                 total_steps: int = 1, seed: int = 0):
         self.engine = engine
         self.objective = objective
         self.device = device
         self.chunk_size = chunk_size
+        self.total_steps = total_steps
+        self.seed = seed
+        self.calls = 0  # the step index when the caller passes none
         self._warned = False
 
-    def __call__(self, batch: Batch) -> Dict[str, float]:
+    def __call__(self, batch: Batch, step: int = None) -> Dict[str, float]:
         """One optimizer step. A non-finite loss on any rank skips the step on every rank
-        (no backward, no update) and returns ``{"loss": nan, "skipped_step": 1.0}``."""
-        n = len(batch["image"] if "image" in batch else batch["text"])
+        (no backward, no update) and returns ``{"loss": nan, "skipped_step": 1.0}``.
+        ``step`` (optimizer steps done so far, the same on every rank) seeds the
+        objective's shared draws; by default this Step's own call count."""
+        step = self.calls if step is None else step
+        self.calls += 1
+        self.objective.begin_step(StepContext(step, self.total_steps, self.seed, self.engine.module))
+        n = _batch_len(batch)
         if self.chunk_size and self.chunk_size < n:
             losses = self._cached(batch, n)
         else:

@@ -11,13 +11,22 @@ An objective splits its loss in two (DESIGN.md, section 3):
   cross-entropy), returned as **sums** over the chunk; the step divides by the local
   batch size, so chunks add up to the mean.
 
+``begin_step(ctx)`` is called once per optimizer step, before any forward, with a
+``StepContext`` that is identical on every rank (step index, total steps, run seed,
+the model). Objectives that draw random numbers shared by the whole global batch (a
+mixup permutation, sampled negative centers) take them from ``ctx.generator()``, so
+every rank and every chunk sees the same draw, and a plain and a gradient-cached step
+draw the same numbers. Objectives that steer a model head for the step (which centers
+it scores) set that up here, since the head runs inside the engine's forward.
+
 ``rep_keys`` names the per-sample model outputs the cross-sample part reads (they
 carry gradients); ``batch_keys`` names batch fields it also needs (labels: no
 gradient), passed in ``reps`` beside them; ``scalar_keys`` the per-step scalars.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,10 +38,30 @@ Tensors = Dict[str, torch.Tensor]
 OBJECTIVES: Registry = Registry("objective")
 
 
+@dataclass
+class StepContext:
+    step: int = 0  # optimizer steps completed before this one
+    total_steps: int = 1  # optim.steps
+    seed: int = 0  # run.seed
+    model: Optional[nn.Module] = None  # the engine's module (heads live here)
+
+    def generator(self, salt: int = 0, device: str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, step, salt): the same draw on every rank."""
+        return torch.Generator(device).manual_seed((self.seed * 1_000_003 + self.step) * 101 + salt)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done before this step, in [0, 1)."""
+        return self.step / max(self.total_steps, 1)
+
+
 class Objective(nn.Module):
     rep_keys: Tuple[str, ...] = ("image", "text")
     batch_keys: Tuple[str, ...] = ()
     scalar_keys: Tuple[str, ...] = ("logit_scale",)
+
+    def begin_step(self, ctx: StepContext) -> None:
+        """Per-step setup shared by all ranks and chunks (see module docstring)."""
 
     def cross_sample(self, reps: Tensors, scalars: Tensors) -> Tensors:
         return {}
