@@ -21,6 +21,7 @@ class ContrastiveModel(nn.Module):
         init_logit_scale: float,
         init_logit_bias: Optional[float],
         open_clip_cfg: Dict[str, Any],
+        heads: Optional[nn.ModuleDict] = None,
     ):
         super().__init__()
         self.visual = visual
@@ -30,6 +31,7 @@ class ContrastiveModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.full((1,), float(init_logit_bias)))
         self.open_clip_cfg = open_clip_cfg  # open_clip "model_cfg", written by export
+        self.heads = heads if heads is not None else nn.ModuleDict()  # see vlp/models/heads.py
 
     @property
     def output_dim(self) -> int:
@@ -57,6 +59,8 @@ class ContrastiveModel(nn.Module):
         out["logit_scale"] = self.logit_scale.exp()
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
+        for head in self.heads.values():
+            out.update(head(out, batch))
         return out
 
     # --- the uniform tower interface, lifted to the model -------------------------------

@@ -12,6 +12,7 @@ from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from vlp.models.clip import ContrastiveModel
+from vlp.models.heads import build_heads
 from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
 
 
@@ -30,6 +31,14 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: Optional[float] = None  # set (e.g. -10) for SigLIP
     grad_checkpointing: bool = False
+    # Which model: "clip" (two or three towers + logit scale) or "coca" (see vlp/models/coca.py).
+    kind: str = "clip"
+    # CoCa's multimodal decoder and pooling settings (kind: coca).
+    coca: Dict[str, Any] = field(default_factory=dict)
+    # An audio tower spec ({"name": ...}, see the audio tower registry); None = no audio tower.
+    audio: Optional[Dict[str, Any]] = None
+    # Heads on the towers' outputs, key -> registry spec (vlp/models/heads.py).
+    heads: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 def open_clip_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
@@ -67,6 +76,7 @@ def create_model(cfg: ModelConfig, load_weights: bool = True) -> ContrastiveMode
         init_logit_scale=model_cfg["init_logit_scale"],
         init_logit_bias=model_cfg.get("init_logit_bias"),
         open_clip_cfg=model_cfg,
+        heads=build_heads(cfg.heads, model_cfg["embed_dim"]),
     )
     if cfg.pretrained and load_weights:
         load_pretrained(model, cfg)
