@@ -75,7 +75,7 @@ class Step:
         objective's shared draws; by default this Step's own call count."""
         step = self.calls if step is None else step
         self.calls += 1
-        self.objective.begin_step(StepContext(step, self.total_steps, self.seed, self.engine.module))
+        self.objective.begin_step(StepContext(step, self.total_steps, self.seed, self.engine.module, batch))
         n = _batch_len(batch)
         if self.chunk_size and self.chunk_size < n:
             losses = self._cached(batch, n)

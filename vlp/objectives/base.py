@@ -13,7 +13,8 @@ An objective splits its loss in two (DESIGN.md, section 3):
 
 ``begin_step(ctx)`` is called once per optimizer step, before any forward, with a
 ``StepContext`` that is identical on every rank (step index, total steps, run seed,
-the model). Objectives that draw random numbers shared by the whole global batch (a
+the model) plus this rank's local batch (to gather e.g. the positive labels of the
+global batch). Objectives that draw random numbers shared by the whole global batch (a
 mixup permutation, sampled negative centers) take them from ``ctx.generator()``, so
 every rank and every chunk sees the same draw, and a plain and a gradient-cached step
 draw the same numbers. Objectives that steer a model head for the step (which centers
@@ -44,6 +45,7 @@ class StepContext:
     total_steps: int = 1  # optim.steps
     seed: int = 0  # run.seed
     model: Optional[nn.Module] = None  # the engine's module (heads live here)
+    batch: Optional[Dict] = None  # this rank's whole local batch (all chunks), as the loader gave it
 
     def generator(self, salt: int = 0, device: str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, step, salt): the same draw on every rank."""
