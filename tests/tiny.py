@@ -14,6 +14,11 @@ def tiny_model_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# Objectives that need a model other than the tiny two-tower one: the generic gradient-cache and
+# distributed tests skip them, and the named test file checks both with that model.
+OWN_MODEL_OBJECTIVES = {"coca": "tests/test_coca.py", "mlcd": "tests/test_mlcd.py", "mlc": "tests/test_mlcd.py"}
+
+
 def tiny_batch(n: int, cfg: ModelConfig, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     size, ctx = cfg.image.get("image_size", 16), cfg.text["context_length"]

@@ -1,4 +1,4 @@
-"""The ``vlp`` command: data, train, eval, export, bench.
+"""The ``vlp`` command: data, train, eval, export, caption, cluster, bench.
 
 Every subcommand turns bad input (ValueError, FileNotFoundError) into one line on
 stderr and exit code 2, without a traceback.
@@ -33,16 +33,20 @@ def _add_train_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from vlp.bench import add_bench_parser
+    from vlp.caption import add_caption_parser
+    from vlp.cluster import add_cluster_parser
     from vlp.data.cli import add_data_parser
     from vlp.eval.cli import add_eval_parser
     from vlp.export import add_export_parser
 
     parser = argparse.ArgumentParser(prog="vlp", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,export,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,export,caption,cluster,bench}")
     add_data_parser(sub)
     _add_train_parser(sub)
     add_eval_parser(sub)
     add_export_parser(sub)
+    add_caption_parser(sub)
+    add_cluster_parser(sub)
     add_bench_parser(sub)
     return parser
 

@@ -44,11 +44,13 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # first in open_clip's _find_
 TIMM_HEAD = "image_head.safetensors"  # beside a timm tower's trunk: open_clip's TimmModel.head
 
 
-def _save_weights(model, path: str) -> None:
+def _save_weights(model, path: str, drop_heads: bool = False) -> None:
     from safetensors.torch import save_file
 
-    # safetensors needs contiguous CPU tensors
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+    # safetensors needs contiguous CPU tensors; open_clip loads strictly and has no `heads.*`
+    # (training heads such as the MLCD centers), so its export leaves them out
+    state = {k: v for k, v in model.state_dict().items() if not (drop_heads and k.startswith("heads."))}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
 
 
 # ---- where the weights come from ------------------------------------------------------
@@ -97,11 +99,14 @@ def export_open_clip(run_or_file: str, out_dir: str, fp32_from_zero: bool = Fals
     from vlp.models.factory import preprocess_cfg
 
     cfg, model, tokenizer, _ = _load(run_or_file, fp32_from_zero)
+    if getattr(model, "audio", None) is not None or model.visual is None:  # open_clip has no audio tower
+        raise ValueError("--format open_clip writes image-text models; this one has an audio tower: "
+                         "use --format safetensors")
     os.makedirs(out_dir, exist_ok=True)
     config = {"model_cfg": model.open_clip_cfg, "preprocess_cfg": preprocess_cfg(cfg.model, model)}
     with open(os.path.join(out_dir, OPEN_CLIP_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
-    _save_weights(model, os.path.join(out_dir, OPEN_CLIP_WEIGHTS))
+    _save_weights(model, os.path.join(out_dir, OPEN_CLIP_WEIGHTS), drop_heads=True)
     if model.open_clip_cfg["text_cfg"].get("hf_tokenizer_name"):
         # open_clip.get_tokenizer("local-dir:OUT") reads an HF tokenizer from OUT itself
         tokenizer.save_pretrained(out_dir)
@@ -211,6 +216,8 @@ def export_timm(run_or_file: str, out_dir: str, fp32_from_zero: bool = False) ->
     from vlp.models.factory import preprocess_cfg
 
     cfg, model, _, _ = _load(run_or_file, fp32_from_zero)
+    if model.visual is None:
+        raise ValueError("--format timm writes the image tower; this model has none (use --format safetensors)")
     if isinstance(model.visual, TimmModel):
         net, model_args = model.visual.trunk, None  # timm recorded its own build arguments
         head = {k: v.contiguous() for k, v in model.visual.head.state_dict().items()}
@@ -243,7 +250,7 @@ def _transformers_model(tower) -> Optional[Any]:
     """The transformers model inside a tower: the tower itself or open_clip's HFTextEncoder.transformer."""
     from transformers import PreTrainedModel
 
-    for candidate in (tower, getattr(tower, "transformer", None)):
+    for candidate in (tower, getattr(tower, "transformer", None), getattr(tower, "trunk", None)):  # trunk: hf audio
         if isinstance(candidate, PreTrainedModel):
             return candidate
     return None
@@ -257,6 +264,9 @@ def save_hf_towers(model, out_dir: str) -> Dict[str, str]:
     from safetensors.torch import save_file
 
     towers = {"visual": model.visual, "text": model.text}
+    if getattr(model, "audio", None) is not None:  # vlp.models.audio's hf tower: its trunk
+        towers["audio"] = model.audio
+    towers = {name: t for name, t in towers.items() if t is not None}  # an audio-text model has no visual
     found = {name: _transformers_model(t) for name, t in towers.items()}
     if not any(found.values()):
         names = ", ".join(f"{name} ({type(t).__name__})" for name, t in towers.items())

@@ -81,20 +81,8 @@ class Trainer:
     # --- data -----------------------------------------------------------------------
     def batches(self) -> Iterator[Dict[str, Any]]:
         """Endless batches: epoch after epoch (the epoch seeds the shard order)."""
-        from vlp.data.stream import build_loader
-
         while True:
-            loader = build_loader(
-                self.cfg.data.train,
-                self.cfg.data,
-                image_transform=self.train_transform,
-                tokenizer=self.tokenizer,
-                rank=self.info.rank,
-                world_size=self.info.world_size,
-                train=True,
-                epoch=self.state.epoch,
-                seed=self.cfg.run.seed,
-            )
+            loader = self.train_loader(self.state.epoch)
             n = 0
             for batch in loader:
                 n += 1
@@ -106,6 +94,22 @@ class Trainer:
                 )
             self.state.epoch += 1
 
+    def train_loader(self, epoch: int, seed: Optional[int] = None):
+        """One pass over this rank's share of data.train (train transforms, shuffled by epoch)."""
+        from vlp.data.stream import build_loader
+
+        return build_loader(
+            self.cfg.data.train,
+            self.cfg.data,
+            image_transform=self.train_transform,
+            tokenizer=self.tokenizer,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            train=True,
+            epoch=epoch,
+            seed=self.cfg.run.seed if seed is None else seed,
+        )
+
     # --- checkpoints ----------------------------------------------------------------
     def resume(self) -> None:
         if not self.cfg.run.resume:
@@ -113,6 +117,7 @@ class Trainer:
         client = checkpoint.load(self.engine, self.run_dir)
         if client is not None:
             self.state = TrainState(**client["train_state"])
+            self.load_client_state(client)
             if self.info.is_main:
                 print(f"[vlp] resumed from step {self.state.step} (epoch {self.state.epoch})", flush=True)
 
@@ -121,9 +126,22 @@ class Trainer:
             self.engine,
             self.run_dir,
             self.state.step,
-            {"train_state": asdict(self.state)},
+            {"train_state": asdict(self.state), **self.client_state()},
             keep=self.cfg.run.keep_checkpoints,
+            rank_state=self.rank_state(),
         )
+
+    # hooks for subclasses (vlp.continual): more checkpointed state, global and per rank
+    def client_state(self) -> Dict[str, Any]:
+        """Extra state saved once (rank 0's copy is loaded on every rank)."""
+        return {}
+
+    def rank_state(self) -> Optional[Dict[str, Any]]:
+        """Extra state saved per rank (``checkpoint.load`` returns it as ``client["rank_state"]``)."""
+        return None
+
+    def load_client_state(self, client: Dict[str, Any]) -> None:
+        """Restore what ``client_state`` / ``rank_state`` saved."""
 
     # --- eval -----------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
@@ -153,11 +171,13 @@ class Trainer:
     def _retrieval(self, model) -> Dict[str, float]:
         from vlp.data.stream import build_eval_loader
         from vlp.eval.retrieval import evaluate_retrieval
+        from vlp.eval.zeroshot import zeroshot_modality
 
         loader = build_eval_loader(
             self.cfg.data.val, self.cfg.data, self.eval_transform, self.tokenizer, self.cfg.eval.batch_size
         )
-        return {f"retrieval_{k}": v for k, v in evaluate_retrieval(model, loader, self.device).items()}
+        modality = zeroshot_modality(model, self.cfg.eval.modality)  # image, or audio in an audio-text model
+        return {f"retrieval_{k}": v for k, v in evaluate_retrieval(model, loader, self.device, modality=modality).items()}
 
     def _gathered_params(self):
         import contextlib
@@ -267,7 +287,12 @@ def _collective_failed(e: RuntimeError) -> bool:
 
 
 def train(cfg: Config) -> Dict[str, Any]:
-    trainer = Trainer(cfg)
+    if cfg.continual.tasks:  # class-incremental: task after task, with replay (vlp/continual)
+        from vlp.continual.trainer import ContinualTrainer
+
+        trainer = ContinualTrainer(cfg)
+    else:
+        trainer = Trainer(cfg)
     try:
         result = trainer.fit()
         dist.shutdown()

@@ -19,3 +19,27 @@ def _digits(out: Path) -> Dict[str, int]:
     from vlp.data.digits import write_digits
 
     return write_digits(out)
+
+
+@DATASETS.register("tones")
+def _tones(out: Path) -> Dict[str, int]:
+    """Telephone DTMF digit tones with captions (audio-text; 1500 train, 400 val clips, FLAC at 8 kHz)."""
+    from vlp.data.tones import write_tones
+
+    return write_tones(out)
+
+
+@DATASETS.register("spoken-digits")
+def _spoken_digits(out: Path) -> Dict[str, int]:
+    """The digit words spoken by espeak-ng in several voices and speeds (needs espeak-ng on PATH)."""
+    from vlp.data.spoken_digits import write_spoken_digits
+
+    return write_spoken_digits(out)
+
+
+@DATASETS.register("digits-multimodal")
+def _digits_multimodal(out: Path) -> Dict[str, int]:
+    """Digit scans + texts naming the ink (and a noisy digit hint): 20 classes that need both modalities."""
+    from vlp.data.digits_multimodal import write_digits_multimodal
+
+    return write_digits_multimodal(out)

@@ -2,7 +2,7 @@
 
 ``vlp data digits [--out data/digits]``, one such command per built-in dataset
 ``vlp data from-csv --csv FILE --out DIR [--shard-size N] [--image-col C] [--caption-col C] [--label-col C] [--sep S]``
-``vlp data verify SPEC [SPEC ...] [--json]``: exit code 1 when something is corrupt.
+``vlp data verify SPEC [SPEC ...] [--json] [--audio-key flac;wav]``: exit code 1 when something is corrupt.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def add_data_parser(subparsers) -> None:
     p = sub.add_parser("verify", help="count samples per shard and list corrupt ones")
     p.add_argument("spec", nargs="+", help="shard folder, brace pattern or pipe: command (several: all of them)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--audio-key", help="samples must carry decodable audio under this key (e.g. 'flac;wav'); "
+                   "then no image is required")
     p.set_defaults(func=_verify)
 
 
@@ -57,7 +59,7 @@ def _from_csv(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from vlp.data.shards import verify
 
-    report = verify(args.spec)
+    report = verify(args.spec, image_key=None, audio_key=args.audio_key) if args.audio_key else verify(args.spec)
     if args.json:
         print(json.dumps(report))
     else:

@@ -1,8 +1,10 @@
 """Settings of the data pipeline (the ``data:`` section of a run config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional
+
+from vlp.data.audio import AudioConfig
 
 
 @dataclass
@@ -16,6 +18,11 @@ class DataConfig:
     batch_size: int = 64  # per rank
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples; 0 disables
-    image_key: str = "png;jpg;jpeg;webp"
+    image_key: Optional[str] = "png;jpg;jpeg;webp"  # null: no image (an audio-text model)
+    audio_key: Optional[str] = None  # e.g. "flac;wav": samples carry audio (vlp/data/audio.py)
+    audio: AudioConfig = field(default_factory=AudioConfig)  # decode / log-mel / SpecAugment settings
     text_key: str = "txt"
     label_key: str = "cls"
+    # `vlp cluster` output (DIR or DIR/assignments.jsonl): train samples get cluster_ids (l,) and
+    # cluster_sims (l,) by __key__ (MLCD); a sample missing from it is skipped and counted
+    cluster_labels: Optional[str] = None

@@ -118,17 +118,26 @@ def describe(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {exn}".splitlines()[0][:300]
 
 
-def check_sample(sample: Dict[str, Any], decoder: Decoder, image_key: str, text_key: str) -> Optional[str]:
-    """Why the stream would skip ``sample`` (None if it would not): decode errors, missing fields."""
+def check_sample(sample: Dict[str, Any], decoder: Decoder, image_key: Optional[str], text_key: str,
+                 audio_key: Optional[str] = None) -> Optional[str]:
+    """Why the stream would skip ``sample`` (None if it would not): decode errors, missing fields.
+    A null ``image_key`` checks no image; an ``audio_key`` requires audio soundfile can decode."""
     try:
         decoded = decoder(sample)
     except DecodingError as exn:
         return describe(exn)
     try:
-        get_field(decoded, image_key, "image")
+        if image_key:
+            get_field(decoded, image_key, "image")
         get_field(decoded, text_key, "caption")
-    except ValueError as exn:
+        if audio_key:
+            from vlp.data.audio import decode
+
+            decode(get_field(decoded, audio_key, "audio"))
+    except ValueError as exn:  # a missing field
         return str(exn)
+    except Exception as exn:  # undecodable audio (soundfile's errors)
+        return describe(exn)
     return None
 
 
@@ -140,7 +149,8 @@ def get_field(sample: Dict[str, Any], keys: str, what: str) -> Any:
     return value
 
 
-def verify(spec: Any, image_key: str = DataConfig.image_key, text_key: str = DataConfig.text_key) -> Dict[str, Any]:
+def verify(spec: Any, image_key: Optional[str] = DataConfig.image_key, text_key: str = DataConfig.text_key,
+           audio_key: Optional[str] = None) -> Dict[str, Any]:
     """Read every sample of ``spec`` as the stream would and report what it would skip.
 
     Returns ``{"shards": [{"path", "samples", "corrupt": [{"key", "error"}]}], "total", "corrupt"}``
@@ -149,7 +159,7 @@ def verify(spec: Any, image_key: str = DataConfig.image_key, text_key: str = Dat
     or a damaged shard (``key`` None, counted once however much of it is lost).
     """
     decoder = Decoder([wds.autodecode.imagehandler("pil")])  # the stream's decoding
-    report = [_verify_shard(url, decoder, image_key, text_key) for url in expand_spec(spec)]
+    report = [_verify_shard(url, decoder, image_key, text_key, audio_key) for url in expand_spec(spec)]
     return {
         "shards": report,
         "total": sum(s["samples"] for s in report),
@@ -157,11 +167,12 @@ def verify(spec: Any, image_key: str = DataConfig.image_key, text_key: str = Dat
     }
 
 
-def _verify_shard(url: str, decoder: Decoder, image_key: str, text_key: str) -> Dict[str, Any]:
+def _verify_shard(url: str, decoder: Decoder, image_key: Optional[str], text_key: str,
+                  audio_key: Optional[str] = None) -> Dict[str, Any]:
     corrupt: List[Dict[str, Optional[str]]] = []
     good = 0
     for sample in read_shards([{"url": url}], handler=lambda e: corrupt.append({"key": None, "error": str(e)})):
-        error = check_sample(sample, decoder, image_key, text_key)
+        error = check_sample(sample, decoder, image_key, text_key, audio_key)
         if error is None:
             good += 1
         else:

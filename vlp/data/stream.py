@@ -4,11 +4,14 @@ Built from webdataset stages (shard lists, ``tarfile_samples``, ``shuffle``, ``d
 ``map``, ``batched``, ``RandomMix``); what is ours is the splitting policy, the seeding and
 the skip accounting. A batch dict (B: batch size, L: tokenizer context length)::
 
-    image      float (B, 3, H, W)  image_transform(PIL image, RGB)
+    image      float (B, 3, H, W)  image_transform(PIL image, RGB); absent when cfg.image_key is null
+    audio      float (B, 1, M, T)  log-mel features (vlp.data.audio), when cfg.audio_key is set
     text       long  (B, L)        tokenizer([caption])[0]
     label      long  (B,)          the cfg.label_key field, -1 where a sample has none
     caption    list[str]           length B
     key        list[str]           length B, the samples' __key__
+    cluster_ids   long  (B, l)     the l nearest cluster centers (cfg.cluster_labels, train only)
+    cluster_sims  float (B, l)     their cosine similarities
     n_skipped  int                 samples this worker skipped since its previous batch
 
 Modes:
@@ -24,7 +27,7 @@ Modes:
   in those proportions; without, all shards of all entries are drawn uniformly.
 
 Skip accounting: every webdataset stage gets the same ``SkipCounter`` as its exception
-handler, so a sample that fails (undecodable image, missing caption or image, a transform
+handler, so a sample that fails (undecodable image or audio, a missing field, a transform
 or tokenizer error) is dropped and counted instead of ending the stream; a shard that
 cannot be opened or is truncated counts once (see ``vlp.data.shards.read_shards``). The
 collate step moves the worker's count into the batch, so summing ``n_skipped`` over all
@@ -46,6 +49,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from webdataset.utils import make_seed
 
+from vlp.data.audio import AudioTransform
 from vlp.data.config import DataConfig
 from vlp.data.shards import describe, expand_spec, get_field, read_shards
 
@@ -78,7 +82,7 @@ def build_loader(
     spec: Any,
     cfg: DataConfig,
     *,
-    image_transform: Callable[[Any], torch.Tensor],
+    image_transform: Optional[Callable[[Any], torch.Tensor]],
     tokenizer: Callable[[List[str]], torch.Tensor],
     rank: int,
     world_size: int,
@@ -102,7 +106,10 @@ def build_loader(
         *source,
         partial(_shuffle, bufsize=cfg.shuffle_buffer, seed=(seed, epoch, rank)) if shuffle else None,
         wds.decode("pil", handler=counter),
-        wds.map(partial(_to_sample, cfg=cfg, image_transform=image_transform, tokenizer=tokenizer), handler=counter),
+        wds.map(partial(_to_sample, cfg=cfg, image_transform=image_transform, tokenizer=tokenizer,
+                        audio_transform=AudioTransform(cfg.audio, train) if cfg.audio_key else None),
+                handler=counter),
+        _cluster_join(cfg.cluster_labels, counter) if train and cfg.cluster_labels else None,
         wds.batched(cfg.batch_size, collation_fn=partial(_collate, counter=counter), partial=not train),
     )
     return DataLoader(
@@ -194,18 +201,40 @@ def _shuffle(samples, bufsize: int, seed: tuple):
     return wds.shuffle(bufsize, initial=bufsize, seed=make_seed(*seed, _worker_id()))(samples)
 
 
-def _to_sample(sample: Dict[str, Any], cfg: DataConfig, image_transform: Callable, tokenizer: Callable) -> dict:
-    # A missing field raises ValueError, which the map stage's handler counts as a skip.
-    image = get_field(sample, cfg.image_key, "image")
+def _to_sample(sample: Dict[str, Any], cfg: DataConfig, image_transform: Optional[Callable], tokenizer: Callable,
+               audio_transform: Optional[Callable] = None) -> dict:
+    # A missing field raises ValueError, which the map stage's handler counts as a skip;
+    # so does undecodable audio (decoded here, not by webdataset).
+    out = {}
+    if cfg.image_key:
+        out["image"] = image_transform(get_field(sample, cfg.image_key, "image"))  # (3, H, W)
+    if audio_transform is not None:
+        out["audio"] = audio_transform(get_field(sample, cfg.audio_key, "audio"))  # (1, M, T)
     caption = get_field(sample, cfg.text_key, "caption")
     label = wds.getfirst(sample, cfg.label_key, default=-1, missing_is_error=False) if cfg.label_key else -1
     return {
-        "image": image_transform(image),  # (3, H, W)
+        **out,
         "text": tokenizer([caption])[0],  # (L,)
         "label": int(label),
         "caption": caption,
         "key": sample["__key__"],
     }
+
+
+def _cluster_join(path: str, counter: SkipCounter):
+    """The stage adding ``cluster_ids`` (l,) long and ``cluster_sims`` (l,) float from
+    ``vlp cluster``'s assignments, by sample key; a sample without one is skipped."""
+    from vlp.cluster import cached_assignments
+
+    # loaded once per process (the trainer builds a loader per epoch); forked workers share it
+    return wds.map(partial(_join_clusters, table=cached_assignments(path), path=path), handler=counter)
+
+
+def _join_clusters(sample: Dict[str, Any], table: Dict[str, Any], path: str) -> Dict[str, Any]:
+    if sample["key"] not in table:
+        raise ValueError(f"sample {sample['key']!r} has no cluster assignment in {path}")
+    ids, sims = table[sample["key"]]
+    return {**sample, "cluster_ids": ids, "cluster_sims": sims}
 
 
 def _collate(samples: List[Dict[str, Any]], counter: SkipCounter) -> Dict[str, Any]:

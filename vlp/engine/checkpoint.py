@@ -87,7 +87,10 @@ def full_state_dict(engine) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2) -> str:
+def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2,
+         rank_state: Optional[Dict[str, Any]] = None) -> str:
+    """``client_state`` is saved once (rank 0's model file) and loaded on every rank;
+    ``rank_state`` (e.g. a replay buffer filled from this rank's data) once per rank."""
     root = ckpt_dir(run_dir)
     tag = f"step_{step:08d}"
     tmp = f"{tag}.tmp"
@@ -98,6 +101,8 @@ def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: in
     engine.save_checkpoint(root, tag=tmp, client_state=client_state, save_latest=False)
     weights = full_state_dict(engine)
     torch.save(_rng_state(), os.path.join(root, tmp, f"rng_rank{dist.rank()}.pt"))
+    if rank_state is not None:
+        torch.save(rank_state, os.path.join(root, tmp, f"client_rank{dist.rank()}.pt"))
     if dist.rank() == 0:
         meta = {"world_size": dist.world_size(), "zero_stage": engine.zero_optimization_stage(), "step": step}
         with open(os.path.join(root, tmp, META_FILE), "w") as f:
@@ -141,6 +146,9 @@ def load(engine, run_dir: str) -> Optional[Dict[str, Any]]:
     rng = os.path.join(ckpt_dir(run_dir), tag, f"rng_rank{dist.rank()}.pt")
     if os.path.isfile(rng):  # absent when resuming with more ranks than were saved
         _set_rng_state(torch.load(rng, weights_only=False))
+    own = os.path.join(ckpt_dir(run_dir), tag, f"client_rank{dist.rank()}.pt")
+    if os.path.isfile(own):  # save(rank_state=...); absent like the RNG file above
+        client_state = {**(client_state or {}), "rank_state": torch.load(own, weights_only=False)}
     return client_state
 
 

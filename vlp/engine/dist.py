@@ -53,7 +53,11 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     """
     info = env_info()
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), info.local_rank, dist.get_world_size())
+        info = DistInfo(dist.get_rank(), info.local_rank, dist.get_world_size())
+        # DeepSpeed reads these at engine build even when the group exists already
+        for key, value in (("RANK", info.rank), ("LOCAL_RANK", info.local_rank), ("WORLD_SIZE", info.world_size)):
+            os.environ.setdefault(key, str(value))
+        return info
     os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size))
     if info.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

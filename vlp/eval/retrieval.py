@@ -16,20 +16,19 @@ from typing import Any, Callable, Dict, Iterable, Tuple
 import torch
 from tqdm import tqdm
 
-from vlp.eval.zeroshot import eval_mode, image_dtype
+from vlp.eval.zeroshot import encode, eval_mode, zeroshot_modality
 
 RECALL_AT = (1, 5, 10)
 
 
 def embed_all(
-    model, loader: Iterable[Dict[str, Any]], device: Any = "cpu", progress: bool = False
+    model, loader: Iterable[Dict[str, Any]], device: Any = "cpu", progress: bool = False, modality: str = "image"
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) image and (N, D) text unit-norm embeddings of every sample, in loader order, on the CPU."""
+    """(N, D) image (or audio) and (N, D) text unit-norm embeddings of every sample, in loader order, on the CPU."""
     images, texts = [], []
-    dtype = image_dtype(model)
     with eval_mode(model):
         for batch in tqdm(loader, desc="retrieval", unit="batch", disable=not progress):
-            images.append(model.encode_image(batch["image"].to(device, dtype), normalize=True).float().cpu())
+            images.append(encode(model, modality, batch[modality], device).float().cpu())
             texts.append(model.encode_text(batch["text"].to(device), normalize=True).float().cpu())
     if not images:
         raise ValueError("no samples in the eval data")
@@ -50,12 +49,13 @@ def positive_ranks(queries: torch.Tensor, keys: torch.Tensor, block: int = 1024)
     return torch.cat(ranks)
 
 
-def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor) -> Dict[str, float]:
-    """image_to_text_R@k and text_to_image_R@k for k in 1, 5, 10, from (N, D) paired embeddings."""
+def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, modality: str = "image") -> Dict[str, float]:
+    """image_to_text_R@k and text_to_image_R@k for k in 1, 5, 10, from (N, D) paired embeddings
+    (``audio_to_text_R@k`` ... with ``modality="audio"``)."""
     metrics: Dict[str, float] = {}
     for name, ranks in (
-        ("image_to_text", positive_ranks(image_emb, text_emb)),
-        ("text_to_image", positive_ranks(text_emb, image_emb)),
+        (f"{modality}_to_text", positive_ranks(image_emb, text_emb)),
+        (f"text_to_{modality}", positive_ranks(text_emb, image_emb)),
     ):
         for k in RECALL_AT:
             metrics[f"{name}_R@{k}"] = float((ranks < k).double().mean())
@@ -63,11 +63,11 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor) -> Dict[str, fl
 
 
 def evaluate_retrieval(
-    model, loader: Iterable[Dict[str, Any]], device: Any = "cpu", progress: bool = False
+    model, loader: Iterable[Dict[str, Any]], device: Any = "cpu", progress: bool = False, modality: str = "image"
 ) -> Dict[str, Any]:
     """Recall@{1,5,10} both ways over every sample of ``loader`` (see the module docstring), plus num_samples."""
-    image_emb, text_emb = embed_all(model, loader, device, progress)
-    return {**recall_at_k(image_emb, text_emb), "num_samples": len(image_emb)}
+    image_emb, text_emb = embed_all(model, loader, device, progress, modality)
+    return {**recall_at_k(image_emb, text_emb, modality), "num_samples": len(image_emb)}
 
 
 def run_retrieval(
@@ -84,4 +84,5 @@ def run_retrieval(
 
     data_spec = cfg.data.val if data_spec is None else data_spec
     loader = build_eval_loader(data_spec, cfg.data, eval_transform, tokenizer, batch_size=cfg.eval.batch_size)
-    return evaluate_retrieval(model, loader, device, progress=progress)
+    modality = zeroshot_modality(model, getattr(cfg.eval, "modality", None))
+    return evaluate_retrieval(model, loader, device, progress=progress, modality=modality)

@@ -1,4 +1,4 @@
-"""Zero-shot classification: class-name prompts -> text classifier -> top-k on labelled images.
+"""Zero-shot classification: class-name prompts -> text classifier -> top-k on labelled images or audio.
 
 Shapes: B batch, D embedding dim, C classes, T templates.
 
@@ -6,6 +6,10 @@ Class names and templates follow clip_benchmark's webdataset layout: ``classname
 (one name per line, in label order) and ``zeroshot_classification_templates.txt`` (one
 prompt per line with a ``{c}`` placeholder) sit beside the shard folder or one level up
 (``digits/val/*.tar`` + ``digits/classnames.txt``).
+
+The classified input (``modality``) is ``image`` or ``audio`` (the batch field and the
+model's ``encode_image`` / ``encode_audio``); by default the image when the model has an
+image tower, else the audio (zero-shot keyword classification of ``vlp data tones``).
 """
 from __future__ import annotations
 
@@ -39,6 +43,25 @@ def eval_mode(model: torch.nn.Module):
 def image_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype images must have: the weights' (bf16/fp16 under DeepSpeed mixed precision)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+TOWERS = {"image": "visual", "audio": "audio"}  # modality -> the model's tower attribute
+
+
+def zeroshot_modality(model: torch.nn.Module, requested: Optional[str] = None) -> str:
+    """``requested`` if the model has that tower, else (None) image when it has an image tower, else audio."""
+    if requested is None:
+        requested = "image" if getattr(model, "visual", None) is not None else "audio"
+    if requested not in TOWERS or getattr(model, TOWERS[requested], None) is None:
+        have = [m for m, tower in TOWERS.items() if getattr(model, tower, None) is not None]
+        raise ValueError(f"cannot classify {requested!r}: the model's towers for it are {', '.join(have) or 'none'}")
+    return requested
+
+
+def encode(model, modality: str, x: torch.Tensor, device: Any) -> torch.Tensor:
+    """(b, D) unit-norm features of a batch of ``modality`` inputs (images or log-mels)."""
+    x = x.to(device, image_dtype(model))
+    return model.encode_image(x, normalize=True) if modality == "image" else model.encode_audio(x, normalize=True)
 
 
 def _read_lines(path: str) -> List[str]:
@@ -152,9 +175,11 @@ class _Tally:
 
 
 def evaluate_zeroshot(
-    model, loader: Iterable[Dict[str, Any]], classifier: torch.Tensor, device: Any = "cpu", progress: bool = False
+    model, loader: Iterable[Dict[str, Any]], classifier: torch.Tensor, device: Any = "cpu", progress: bool = False,
+    modality: str = "image",
 ) -> Dict[str, Any]:
-    """top1, top5 (top-min(5, C)), mean_per_class_recall, num_samples; label -1 samples are ignored."""
+    """top1, top5 (top-min(5, C)), mean_per_class_recall, num_samples of the ``modality`` inputs;
+    label -1 samples are ignored."""
     num_classes = classifier.shape[1]
     tally = _Tally(num_classes, k=min(5, num_classes))
     classifier = classifier.to(device)  # (D, C)
@@ -166,7 +191,7 @@ def evaluate_zeroshot(
                 continue
             if int(labels.max()) >= num_classes:
                 raise ValueError(f"label {int(labels.max())} out of range for {num_classes} class names")
-            features = model.encode_image(batch["image"][keep].to(device, image_dtype(model)), normalize=True)  # (b, D)
+            features = encode(model, modality, batch[modality][keep], device)  # (b, D)
             tally.add((features @ classifier).float().cpu(), labels[keep])  # logits (b, C)
     return tally.result()
 
@@ -181,14 +206,17 @@ def run_zeroshot(
     templates: NamesOrFile = None,
     device: Any = "cpu",
     progress: bool = False,
+    modality: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Zero-shot metrics of ``model`` on ``data_spec`` (default ``cfg.data.val``), one process.
 
     Class names and templates: the arguments, else ``cfg.eval``'s files, else the files
-    beside the data. In a distributed run call it on rank 0 only (it reads every shard).
+    beside the data. The classified input: ``modality``, else ``cfg.eval.modality``, else
+    see ``zeroshot_modality``. In a distributed run call it on rank 0 only (it reads every shard).
     """
     from vlp.data.stream import build_eval_loader
 
+    modality = zeroshot_modality(model, modality if modality is not None else getattr(cfg.eval, "modality", None))
     data_spec = cfg.data.val if data_spec is None else data_spec
     names, prompts = read_classnames_templates(
         data_spec,
@@ -197,4 +225,4 @@ def run_zeroshot(
     )
     classifier = zeroshot_classifier(model, tokenizer, names, prompts, device)  # (D, C)
     loader = build_eval_loader(data_spec, cfg.data, eval_transform, tokenizer, batch_size=cfg.eval.batch_size)
-    return evaluate_zeroshot(model, loader, classifier, device, progress=progress)
+    return evaluate_zeroshot(model, loader, classifier, device, progress=progress, modality=modality)

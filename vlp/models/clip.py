@@ -1,7 +1,9 @@
-"""The two-tower contrastive model: image and text towers, logit scale and bias.
+"""The contrastive model: text tower plus an image and/or audio tower, logit scale and bias.
 
 Attribute names follow open_clip's ``CustomTextCLIP`` (``visual``, ``text``,
 ``logit_scale``, ``logit_bias``) so that state dicts move between the two unchanged.
+The audio tower (``vlp.models.audio``) is ``audio.*``; ``visual`` is None in an
+audio-text model (``model.image: null``).
 """
 from __future__ import annotations
 
@@ -15,17 +17,19 @@ from torch import nn
 class ContrastiveModel(nn.Module):
     def __init__(
         self,
-        visual: nn.Module,
+        visual: Optional[nn.Module],
         text: nn.Module,
         embed_dim: int,
         init_logit_scale: float,
         init_logit_bias: Optional[float],
         open_clip_cfg: Dict[str, Any],
         heads: Optional[nn.ModuleDict] = None,
+        audio: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.visual = visual
         self.text = text
+        self.audio = audio
         self.embed_dim = embed_dim
         # shape (1,), open_clip's `nonscalar_logit_scale`: DeepSpeed cannot broadcast 0-d params
         self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
@@ -49,6 +53,10 @@ class ContrastiveModel(nn.Module):
         x = self.text(text)  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def encode_audio(self, audio: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.audio(audio)  # (B, 1, M, T) log-mels -> (B, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Unit-norm features of each modality present in ``batch`` plus the logit scale/bias."""
         out: Dict[str, torch.Tensor] = {}
@@ -56,6 +64,8 @@ class ContrastiveModel(nn.Module):
             out["image"] = self.encode_image(batch["image"], normalize=True)
         if "text" in batch:
             out["text"] = self.encode_text(batch["text"], normalize=True)
+        if "audio" in batch:
+            out["audio"] = self.encode_audio(batch["audio"], normalize=True)
         out["logit_scale"] = self.logit_scale.exp()
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
@@ -65,13 +75,13 @@ class ContrastiveModel(nn.Module):
 
     # --- the uniform tower interface, lifted to the model -------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for tower in (self.visual, self.text):
+        for tower in (self.visual, self.text, self.audio):  # an absent tower (None) has no such method
             if hasattr(tower, "set_grad_checkpointing"):
                 tower.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set:
         names = {"logit_scale", "logit_bias"}
-        for prefix, tower in (("visual", self.visual), ("text", self.text)):
+        for prefix, tower in (("visual", self.visual), ("text", self.text), ("audio", self.audio)):
             if hasattr(tower, "no_weight_decay"):
                 names |= {f"{prefix}.{n}" for n in tower.no_weight_decay()}
         return names

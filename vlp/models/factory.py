@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -10,10 +11,14 @@ import open_clip
 from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch import nn
 
+from vlp.models.audio import build_audio_tower
 from vlp.models.clip import ContrastiveModel
+from vlp.models.coca import CoCaModel, coca_model_cfg
 from vlp.models.heads import build_heads
 from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+from vlp.registry import Registry
 
 
 @dataclass
@@ -25,7 +30,7 @@ class ModelConfig:
     # .bin / .safetensors file, or a folder written by `vlp export --format open_clip`.
     pretrained: Optional[str] = None
     embed_dim: int = 512
-    image: Dict[str, Any] = field(default_factory=lambda: {"name": "open_clip"})
+    image: Optional[Dict[str, Any]] = field(default_factory=lambda: {"name": "open_clip"})  # None: no image tower
     text: Dict[str, Any] = field(default_factory=lambda: {"name": "open_clip"})
     quick_gelu: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
@@ -41,22 +46,77 @@ class ModelConfig:
     heads: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
+# Model kinds (``model.kind``): name -> a class with ``model_cfg(cfg, base)`` (the kind's open_clip
+# model_cfg from the CLIP-form one) and ``build(cfg, model_cfg)`` (the nn.Module).
+MODEL_KINDS: Registry = Registry("model kind")
+
+
+@MODEL_KINDS.register("clip")
+class _ClipKind:
+    @staticmethod
+    def model_cfg(cfg: ModelConfig, base: Dict[str, Any]) -> Dict[str, Any]:
+        if cfg.coca:
+            warnings.warn("model.coca is ignored: model.kind is clip")
+        return base
+
+    @staticmethod
+    def build(cfg: ModelConfig, model_cfg: Dict[str, Any]) -> ContrastiveModel:
+        quick_gelu = model_cfg.get("quick_gelu", False)
+        return ContrastiveModel(
+            visual=None if model_cfg["vision_cfg"] is None else _build_vision_tower(
+                model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu),
+            text=_build_text_tower(model_cfg["embed_dim"], model_cfg["text_cfg"], quick_gelu),
+            embed_dim=model_cfg["embed_dim"],
+            init_logit_scale=model_cfg["init_logit_scale"],
+            init_logit_bias=model_cfg.get("init_logit_bias"),
+            open_clip_cfg=model_cfg,
+            heads=build_heads(cfg.heads, model_cfg["embed_dim"]),
+            audio=None if cfg.audio is None else build_audio_tower(cfg.audio, model_cfg["embed_dim"]),
+        )
+
+
+@MODEL_KINDS.register("coca")
+class _CoCaKind:  # vlp/models/coca.py
+    @staticmethod
+    def model_cfg(cfg: ModelConfig, base: Dict[str, Any]) -> Dict[str, Any]:
+        if cfg.audio is not None or base.get("vision_cfg") is None:
+            raise ValueError("model.kind coca captions images: it needs model.image and takes no model.audio")
+        return coca_model_cfg(base, cfg.coca)
+
+    @staticmethod
+    def build(cfg: ModelConfig, model_cfg: Dict[str, Any]) -> CoCaModel:
+        return CoCaModel(model_cfg, heads=build_heads(cfg.heads, model_cfg["embed_dim"]))
+
+
+def _open_clip_arch(name: str) -> Dict[str, Any]:
+    oc = open_clip.get_model_config(name)
+    if oc is None:
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    return oc
+
+
+def model_kind(cfg: ModelConfig) -> str:
+    """``model.kind``, except that an open_clip CoCa architecture (one with a multimodal_cfg) is coca."""
+    if cfg.open_clip and "multimodal_cfg" in _open_clip_arch(cfg.open_clip):
+        return "coca"
+    MODEL_KINDS.get(cfg.kind)  # an unknown kind raises, listing the valid ones
+    return cfg.kind
+
+
 def open_clip_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
-    """The open_clip ``model_cfg`` (CustomTextCLIP form) this config stands for."""
+    """The open_clip ``model_cfg`` (CustomTextCLIP or CoCa form) this config stands for."""
     if cfg.open_clip:
-        oc = open_clip.get_model_config(cfg.open_clip)
-        if oc is None:
-            raise ValueError(f"unknown open_clip model {cfg.open_clip!r}; see open_clip.list_models()")
-        if "multimodal_cfg" in oc:
-            raise ValueError(f"{cfg.open_clip!r} is a CoCa config; the contrastive model takes CLIP configs")
-        model_cfg = {k: v for k, v in oc.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+        oc = _open_clip_arch(cfg.open_clip)
+        keys = ("embed_dim", "vision_cfg", "text_cfg", "multimodal_cfg", "quick_gelu")
+        model_cfg = {k: v for k, v in oc.items() if k in keys}
     else:
         model_cfg = {
             "embed_dim": cfg.embed_dim,
-            "vision_cfg": IMAGE_TOWERS.build(cfg.image),
+            "vision_cfg": None if cfg.image is None else IMAGE_TOWERS.build(cfg.image),  # None: audio-text
             "text_cfg": TEXT_TOWERS.build(cfg.text),
             "quick_gelu": cfg.quick_gelu,
         }
+    model_cfg = MODEL_KINDS.get(model_kind(cfg)).builder.model_cfg(cfg, model_cfg)
     model_cfg["custom_text"] = True
     model_cfg["nonscalar_logit_scale"] = True  # logit scale/bias of shape (1,), see clip.py
     model_cfg["init_logit_scale"] = cfg.init_logit_scale
@@ -65,19 +125,10 @@ def open_clip_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
     return model_cfg
 
 
-def create_model(cfg: ModelConfig, load_weights: bool = True) -> ContrastiveModel:
-    """The model; ``load_weights=False`` skips ``cfg.pretrained`` (its weights come next)."""
+def create_model(cfg: ModelConfig, load_weights: bool = True) -> nn.Module:
+    """The model of ``model_kind(cfg)``; ``load_weights=False`` skips ``cfg.pretrained`` (its weights come next)."""
     model_cfg = open_clip_model_cfg(cfg)
-    quick_gelu = model_cfg.get("quick_gelu", False)
-    model = ContrastiveModel(
-        visual=_build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu),
-        text=_build_text_tower(model_cfg["embed_dim"], model_cfg["text_cfg"], quick_gelu),
-        embed_dim=model_cfg["embed_dim"],
-        init_logit_scale=model_cfg["init_logit_scale"],
-        init_logit_bias=model_cfg.get("init_logit_bias"),
-        open_clip_cfg=model_cfg,
-        heads=build_heads(cfg.heads, model_cfg["embed_dim"]),
-    )
+    model = MODEL_KINDS.get(model_kind(cfg)).builder.build(cfg, model_cfg)
     if cfg.pretrained and load_weights:
         load_pretrained(model, cfg)
     if cfg.grad_checkpointing:
@@ -128,6 +179,8 @@ def preprocess_cfg(cfg: ModelConfig, model: ContrastiveModel) -> Dict[str, Any]:
 
 
 def build_transforms(cfg: ModelConfig, model: ContrastiveModel) -> Tuple[Callable, Callable]:
-    """(train, eval) image transforms: open_clip's, sized for the image tower."""
+    """(train, eval) image transforms: open_clip's, sized for the image tower; (None, None) without one."""
+    if model.open_clip_cfg.get("vision_cfg") is None:
+        return None, None
     pp = PreprocessCfg(**preprocess_cfg(cfg, model))
     return image_transform_v2(pp, is_train=True), image_transform_v2(pp, is_train=False)

@@ -40,4 +40,4 @@ def _import_entries() -> None:
         importlib.import_module(module)
 
 
-_HEAD_MODULES: tuple = ()  # e.g. ("vlp.models.cluster_head",): add yours
+_HEAD_MODULES: tuple = ("vlp.objectives.coconut", "vlp.models.cluster_head", "vlp.models.classifier")  # e.g. ("vlp.models.cluster_head",): add yours
