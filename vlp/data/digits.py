@@ -47,6 +47,19 @@ ZEROSHOT_TEMPLATES = [
 ]
 
 
+def digits_splits(val_fraction: float, seed: int):
+    """scikit-learn's digits and the sorted (name, indices) of a stratified train/val split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    train_idx, val_idx = train_test_split(index, test_size=val_fraction, stratify=digits.target, random_state=seed)
+    return digits, (("train", np.sort(train_idx)), ("val", np.sort(val_idx)))
+
+
 def write_digits(
     out: str | Path, val_fraction: float = 0.2, seed: int = 0, size: int = 32, shard_size: int = 200
 ) -> Dict[str, int]:
@@ -54,19 +67,12 @@ def write_digits(
 
     The train/val split is stratified and fixed by ``seed``; so are the captions.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if size < 8:
         raise ValueError(f"size must be >= 8 (the scans are 8x8), got {size}")
-    digits = load_digits()
-    index = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(index, test_size=val_fraction, stratify=digits.target, random_state=seed)
+    digits, splits = digits_splits(val_fraction, seed)
     out = Path(out)
     counts = {}
-    for split, idx in (("train", np.sort(train_idx)), ("val", np.sort(val_idx))):
+    for split, idx in splits:
         rng = random.Random(f"{seed}-{split}")  # str seeds are hashed stably (sha512), unlike hash()
         samples = _samples(digits.images[idx], digits.target[idx], idx, size, rng)
         shards = write_shards(out / split, samples, shard_size)

@@ -30,10 +30,8 @@ import random
 from pathlib import Path
 from typing import Dict, Iterator
 
-import numpy as np
-
 from vlp.data.digits import CLASSNAMES as DIGIT_NAMES
-from vlp.data.digits import ZEROSHOT_TEMPLATES, _png
+from vlp.data.digits import ZEROSHOT_TEMPLATES, _png, digits_splits
 from vlp.data.shards import write_shards
 
 INKS = ["red", "blue"]
@@ -54,19 +52,12 @@ def write_digits_multimodal(
     hint_accuracy: float = 0.8,
 ) -> Dict[str, int]:
     """Write the shards and class files under ``out``; returns sample and shard counts."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if copies < 1 or not 0.0 <= hint_prob <= 1.0 or not 0.0 <= hint_accuracy <= 1.0:
         raise ValueError(f"need copies >= 1 and probabilities in [0, 1]; got {copies}, {hint_prob}, {hint_accuracy}")
-    digits = load_digits()
-    index = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(index, test_size=val_fraction, stratify=digits.target, random_state=seed)
+    digits, splits = digits_splits(val_fraction, seed)
     out = Path(out)
     counts = {}
-    for split, idx in (("train", np.sort(train_idx)), ("val", np.sort(val_idx))):
+    for split, idx in splits:
         rng = random.Random(f"multimodal-{seed}-{split}")  # str seeds hash stably
         samples = _samples(digits.images, digits.target, idx, size, copies, hint_prob, hint_accuracy, rng)
         shards = write_shards(out / split, samples, shard_size)

@@ -14,7 +14,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ContrastiveModel(nn.Module):
+class TowerInterface:
+    """The uniform tower methods lifted to a model (STYLE 4); shared by ContrastiveModel
+    and CoCaModel. ``tower_names`` are the attributes holding towers (None = absent)."""
+
+    tower_names = ("visual", "text")
+
+    def no_weight_decay(self) -> set:
+        names = {"logit_scale", "logit_bias"}
+        for prefix in self.tower_names:
+            tower = getattr(self, prefix, None)
+            if hasattr(tower, "no_weight_decay"):
+                names |= {f"{prefix}.{n}" for n in tower.no_weight_decay()}
+        return names
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        self.text.lock(unlocked_layers, freeze_layer_norm)
+
+
+class ContrastiveModel(TowerInterface, nn.Module):
+    tower_names = ("visual", "text", "audio")
     def __init__(
         self,
         visual: Optional[nn.Module],
@@ -79,15 +101,3 @@ class ContrastiveModel(nn.Module):
             if hasattr(tower, "set_grad_checkpointing"):
                 tower.set_grad_checkpointing(enable)
 
-    def no_weight_decay(self) -> set:
-        names = {"logit_scale", "logit_bias"}
-        for prefix, tower in (("visual", self.visual), ("text", self.text), ("audio", self.audio)):
-            if hasattr(tower, "no_weight_decay"):
-                names |= {f"{prefix}.{n}" for n in tower.no_weight_decay()}
-        return names
-
-    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
-        self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
-
-    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
-        self.text.lock(unlocked_layers, freeze_layer_norm)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from open_clip.coca_model import CoCa
 from torch import nn
 
+from vlp.models.clip import TowerInterface
 from vlp.registry import make_dataclass
 
 IGNORE_INDEX = -100  # caption_labels at padding: ignored by the caption loss (torch's default)
@@ -130,7 +131,7 @@ def _check(cfg: Dict[str, Any]) -> None:
             raise ValueError(f"CoCa {what} width {width} is not divisible by its {heads} heads")
 
 
-class CoCaModel(CoCa):
+class CoCaModel(TowerInterface, CoCa):
     """open_clip's CoCa with the ``forward(batch) -> dict`` of vlp's models (see ``clip.py``)."""
 
     def __init__(self, model_cfg: Dict[str, Any], heads: Optional[nn.ModuleDict] = None):
@@ -200,15 +201,3 @@ class CoCaModel(CoCa):
             out.update(head(out, batch))
         return out
 
-    # --- the uniform tower interface, lifted to the model (as ContrastiveModel) ----------
-    def no_weight_decay(self) -> set:
-        names = {"logit_scale", "logit_bias"}
-        for prefix, tower in (("visual", self.visual), ("text", self.text)):
-            names |= {f"{prefix}.{n}" for n in tower.no_weight_decay()}
-        return names
-
-    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
-        self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
-
-    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
-        self.text.lock(unlocked_layers, freeze_layer_norm)
