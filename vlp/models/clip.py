@@ -20,6 +20,15 @@ class TowerInterface:
 
     tower_names = ("visual", "text")
 
+    def _scalars_and_heads(self, out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]):
+        """The end of every forward: the exp'd logit scale, the bias, then each head's outputs."""
+        out["logit_scale"] = self.logit_scale.exp()
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        for head in self.heads.values():
+            out.update(head(out, batch))
+        return out
+
     def no_weight_decay(self) -> set:
         names = {"logit_scale", "logit_bias"}
         for prefix in self.tower_names:
@@ -88,12 +97,7 @@ class ContrastiveModel(TowerInterface, nn.Module):
             out["text"] = self.encode_text(batch["text"], normalize=True)
         if "audio" in batch:
             out["audio"] = self.encode_audio(batch["audio"], normalize=True)
-        out["logit_scale"] = self.logit_scale.exp()
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
-        for head in self.heads.values():
-            out.update(head(out, batch))
-        return out
+        return self._scalars_and_heads(out, batch)
 
     # --- the uniform tower interface, lifted to the model -------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:

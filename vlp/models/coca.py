@@ -194,10 +194,5 @@ class CoCaModel(TowerInterface, CoCa):
                 out["caption_logits"] = self.text_decoder(image_tokens, token_embs[:, :-1])  # (B, L-1, V)
                 labels = text[:, 1:]
                 out["caption_labels"] = labels.masked_fill(labels == self.pad_id, IGNORE_INDEX)
-        out["logit_scale"] = self.logit_scale.exp()
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
-        for head in self.heads.values():
-            out.update(head(out, batch))
-        return out
+        return self._scalars_and_heads(out, batch)
 
