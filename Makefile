@@ -7,7 +7,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 RUN_DIR ?= runs/clip_digits
 DATA ?= data/digits
 
-.PHONY: install run test test-fast clean
+.PHONY: install run lint test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -26,10 +26,15 @@ run: install
 	$(VLP) export --checkpoint $(RUN_DIR) --format open_clip --out $(RUN_DIR)/export_open_clip
 	@$(PY) -c "import json; r = json.load(open('$(RUN_DIR)/zeroshot.json')); print(f\"zero-shot top-1 on held-out digits: {r['top1']:.4f} ({r['num_samples']} images)\")"
 
-test: install
+# ruff (pyflakes, pycodestyle, import order) and the import-linter layers contract (pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check vlp tests tools
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _restore_environ():
-    """In-process engines set RANK/WORLD_SIZE/MASTER_PORT (vlp.engine.dist normalises them
+    """In-process engines set RANK/WORLD_SIZE/MASTER_PORT (vlp.dist normalises them
     for DeepSpeed); child processes of later tests must not inherit them, or they would
     think a launcher started them and reuse a port this process still holds."""
     saved = dict(os.environ)

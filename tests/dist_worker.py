@@ -16,7 +16,7 @@ import torch.distributed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.tiny import tiny_batch, tiny_model_cfg  # noqa: E402
-from vlp.engine import dist  # noqa: E402
+from vlp import dist  # noqa: E402
 from vlp.engine.checkpoint import full_state_dict  # noqa: E402
 from vlp.engine.config import EngineConfig, GradCacheConfig  # noqa: E402
 from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed  # noqa: E402
@@ -41,9 +41,8 @@ def cases():
             name, stage, chunk = case.split(":")
             yield name, int(stage), int(chunk)
         return
-    from vlp.objectives import OBJECTIVES
-
     from tests.tiny import OWN_MODEL_OBJECTIVES
+    from vlp.objectives import OBJECTIVES
 
     for name in [*(n for n in OBJECTIVES.list() if n not in OWN_MODEL_OBJECTIVES), *VARIANTS]:
         for stage, chunk in FULL if name in ("infonce", "siglip") else SHORT:

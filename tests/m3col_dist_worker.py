@@ -15,7 +15,7 @@ import torch.distributed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.tiny import PlainEngine, tiny_batch, tiny_model_cfg  # noqa: E402
-from vlp.engine import dist  # noqa: E402
+from vlp import dist  # noqa: E402
 from vlp.engine.step import Step  # noqa: E402
 from vlp.models import create_model  # noqa: E402
 from vlp.objectives import build_objective  # noqa: E402

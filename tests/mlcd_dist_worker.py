@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlp.engine import dist  # noqa: E402
+from vlp import dist  # noqa: E402
 from vlp.models.cluster_head import ShardedClusterHead  # noqa: E402
 from vlp.objectives.mlcd import mlc_rows, mlcd_rows, positive_mask, sample_active, sharded_rows  # noqa: E402
 

@@ -160,7 +160,8 @@ def _audio_shards(folder):
     """4 flac + 4 wav samples (the same 4 tones), one corrupt flac, one sample without audio."""
     rng = np.random.default_rng(1)
     waves = [dtmf_tone(d, rng)[0] for d in range(4)]
-    samples = [{"__key__": f"f{d}", "flac": audio_bytes(w, 8000), "txt": f"tone {d}", "cls": d} for d, w in enumerate(waves)]
+    samples = [{"__key__": f"f{d}", "flac": audio_bytes(w, 8000), "txt": f"tone {d}", "cls": d}
+               for d, w in enumerate(waves)]
     samples.insert(2, {"__key__": "bad", "flac": b"fLaC not really", "txt": "broken", "cls": 0})
     samples += [{"__key__": f"w{d}", "wav": audio_bytes(w, 8000, "WAV"), "txt": f"tone {d}", "cls": d}
                 for d, w in enumerate(waves)]
@@ -325,7 +326,7 @@ def test_clap_recipe_loads_and_mismatches_are_explained(tmp_path):
         load_config(str(tmp_path / "dcl.yaml"))
     three = load_config(recipe, ["model.image.name=open_clip", "data.image_key=png",
                                  "objective.modalities=[[image,text],[audio,text],[image,audio]]"])
-    assert three.model.image == {"name": "open_clip"} and len(three.objective["modalities"]) == 3
+    assert three.model.image["name"] == "open_clip" and len(three.objective["modalities"]) == 3
 
 
 # ---- end to end --------------------------------------------------------------------------------
@@ -352,7 +353,8 @@ def test_clap_tones_train_then_zeroshot(tmp_path):
     vlp("train", os.path.join(ROOT, "configs", "quickstart", "clap_tones.yaml"), f"run.dir={run}",
         f"data.train={data}/train", f"data.val={data}/val", *E2E_OVERRIDES)
     evals = [r for r in map(json.loads, open(run / "metrics.jsonl")) if "zeroshot_top1" in r]
-    zs = json.loads(vlp("eval", "zeroshot", "--checkpoint", str(run), "--data", f"{data}/val", "--json").splitlines()[-1])
+    out = vlp("eval", "zeroshot", "--checkpoint", str(run), "--data", f"{data}/val", "--json")
+    zs = json.loads(out.splitlines()[-1])
     assert zs["num_samples"] == 400 and abs(zs["top1"] - evals[-1]["zeroshot_top1"]) < 1e-9
     print(f"e2e zero-shot top1 {zs['top1']:.4f}")
     assert zs["top1"] >= E2E_MIN_TOP1  # chance is 0.1
@@ -379,7 +381,8 @@ def test_spoken_digits_with_a_stand_in_espeak(tmp_path, monkeypatch):
     assert len(calls) == 40 and len(set(calls)) == 40 and "-v en+f3 -s 150 -p 55 --stdout seven" in calls
     cfg = DataConfig(batch_size=64, workers=0, image_key=None, audio_key="flac;wav",
                      audio=AudioConfig(sample_rate=8000, n_fft=256, hop_length=80))
-    batch = next(iter(build_eval_loader(tmp_path / "out" / "val", cfg, None, open_clip.tokenizer.SimpleTokenizer(context_length=8))))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=8)
+    batch = next(iter(build_eval_loader(tmp_path / "out" / "val", cfg, None, tokenizer)))
     assert sorted(batch["label"].tolist()) == sorted(list(range(10)) * 2) and batch["audio"].shape[0] == 20
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="espeak-ng"):
@@ -401,8 +404,8 @@ def test_export_of_an_audio_model(tmp_path):
     """safetensors and hf (the AST trunk) export; open_clip and timm refuse in one line."""
     from safetensors.torch import load_file, save_file
 
+    from vlp.commands.export import export
     from vlp.config import load_config, save_config
-    from vlp.export import export
     run = tmp_path / "run"
     cfg = load_config(None, ["data.workers=0", f"run.dir={run}"])
     cfg.model = _audio_model_cfg("hf_ast")
@@ -418,7 +421,8 @@ def test_export_of_an_audio_model(tmp_path):
     export(str(run), "safetensors", str(tmp_path / "st"))
     assert load_file(str(tmp_path / "st" / "model.safetensors")).keys() == model.state_dict().keys()
     export(str(run), "hf", str(tmp_path / "hf"))
-    assert (tmp_path / "hf" / "audio" / "config.json").is_file() and (tmp_path / "hf" / "audio" / "head.safetensors").is_file()
+    hf_audio = tmp_path / "hf" / "audio"
+    assert (hf_audio / "config.json").is_file() and (hf_audio / "head.safetensors").is_file()
     for fmt in ("open_clip", "timm"):
         with pytest.raises(ValueError, match="safetensors"):
             export(str(run), fmt, str(tmp_path / fmt))
@@ -427,8 +431,9 @@ def test_export_of_an_audio_model(tmp_path):
 def test_zeroshot_and_retrieval_classify_audio(tmp_path):
     """An audio-text model: zero-shot picks the audio tower by default and scores every decodable clip;
     retrieval reports audio<->text recalls; asking for the missing image tower is a one-line error."""
+    from vlp.eval.common import zeroshot_modality
     from vlp.eval.retrieval import evaluate_retrieval
-    from vlp.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier, zeroshot_modality
+    from vlp.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
 
     _audio_shards(tmp_path)
     data = DataConfig(batch_size=4, workers=0, image_key=None, audio_key="flac;wav",

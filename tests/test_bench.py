@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from vlp.bench import bench_gradcache
 from vlp.cli import main
+from vlp.commands.bench import bench_gradcache
 
 LOSS_KEYS = {"vlp_s", "open_clip_s", "speedup", "vlp_peak_mb", "open_clip_peak_mb", "memory_ratio", "max_abs_diff"}
 

@@ -2,7 +2,6 @@
 written centers/assignments, and their join onto the training stream."""
 import io
 import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +9,7 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 from torchvision.transforms import ToTensor
 
-from vlp.cluster import _assign, load_assignments, spherical_kmeans
+from vlp.data.clusters import assign_nearest, load_assignments, spherical_kmeans
 from vlp.data.config import DataConfig
 from vlp.data.shards import write_shards
 from vlp.data.stream import build_loader
@@ -43,7 +42,7 @@ def test_chunked_assignment_gives_the_same_result():
     assert torch.equal(full.labels, chunked.labels)
     torch.testing.assert_close(chunked.centers, full.centers, rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.tensor(chunked.inertia), torch.tensor(full.inertia), rtol=1e-9, atol=1e-9)
-    sims, ids = _assign(x, full.centers, chunk_size=11, topk=2)
+    sims, ids = assign_nearest(x, full.centers, chunk_size=11, topk=2)
     dense = (x @ full.centers.T).topk(2, dim=1)
     assert torch.equal(ids, dense.indices) and torch.allclose(sims, dense.values)
 
@@ -65,7 +64,7 @@ def test_cli_writes_centers_and_assignments(tmp_path):
 
     from tests.helpers import make_tiny_run
     from vlp.cli import main
-    from vlp.engine.checkpoint import load_model_from_run
+    from vlp.runs import load_model_from_run
 
     keys = _write(tmp_path / "shards")
     run = make_tiny_run(tmp_path)
@@ -137,7 +136,7 @@ def test_linear_probe_cli_matches_sklearn_on_the_features(tmp_path, capsys):
 
     from tests.helpers import make_tiny_run
     from vlp.cli import main
-    from vlp.engine.checkpoint import load_model_from_run
+    from vlp.runs import load_model_from_run
 
     for split, offset in (("train", 0), ("val", 1000)):
         write_shards(tmp_path / split, ({"__key__": f"{split}{i}", "png": _png(i % 3 + 3 * (i % 2)), "txt": "x",

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from tests.tiny import PlainEngine, child_env, tiny_model_cfg
 from vlp.engine.step import Step, model_inputs, split
-from vlp.generate import GenerationConfig, KVDecoder, Recompute, SpecialIds, generate
 from vlp.models import ModelConfig, create_model
 from vlp.models.coca import IGNORE_INDEX, CoCaModel
 from vlp.models.factory import model_kind, open_clip_model_cfg
+from vlp.models.generate import GenerationConfig, KVDecoder, Recompute, SpecialIds, generate
 from vlp.objectives import build_objective
 from vlp.objectives.base import StepContext
 from vlp.objectives.coca import IGNORE_INDEX as OBJECTIVE_IGNORE
@@ -203,7 +203,8 @@ def _full_graph_grads(model, objective, batch, chunk):
     objective.begin_step(StepContext(batch=batch))
     losses = Step(PlainEngine(model), objective, torch.device("cpu"))._loss(out, batch, len(batch["text"]))
     losses["loss"].backward()
-    return float(losses["loss"].detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(losses["loss"].detach()), grads
 
 
 @pytest.mark.parametrize("pooling", ["open_clip", "parallel"])
@@ -329,7 +330,7 @@ def _write_run(tmp_path, cfg: ModelConfig, model) -> str:
 
 def _open_clip_greedy(oc, image, steps: int, special: SpecialIds = SPECIAL):
     """Greedy decoding with open_clip's own CoCa forward (whole prefix each step); start and
-    pad suppressed and no end token first, as vlp.generate's defaults (min_length 1)."""
+    pad suppressed and no end token first, as vlp.models.generate's defaults (min_length 1)."""
     ids = torch.full((len(image), 1), special.sot)
     latent, embs = oc._encode_image(image)
     for _ in range(steps):
@@ -346,7 +347,7 @@ def _open_clip_greedy(oc, image, steps: int, special: SpecialIds = SPECIAL):
 
 
 def test_export_loads_in_open_clip_and_generates_the_same(tmp_path):
-    from vlp.export import export
+    from vlp.commands.export import export
 
     cfg = tiny_coca_cfg()
     torch.manual_seed(0)
@@ -423,7 +424,7 @@ def test_train_caption_eval_export(tmp_path):
     strip = lambda ids: [t for t in ids if t != special.pad]  # noqa: E731
     assert strip(captions[0]["tokens"]) == strip(ref)
     # and back: the export is a starting point for vlp (model.open_clip: local-dir + pretrained)
-    from vlp.engine.checkpoint import load_model_from_run
+    from vlp.runs import load_model_from_run
 
     back = create_model(ModelConfig(open_clip=f"local-dir:{out}", pretrained=out)).state_dict()
     trained = load_model_from_run(str(run))[1].state_dict()
@@ -437,7 +438,7 @@ DIST_CASES = [(0, 0), (2, 4), (3, 4)]  # (ZeRO stage, gradient-cache chunk)
 
 def _dist_worker(out: str) -> None:
     """One SGD step of the coca objective per case on this rank's half of a fixed batch."""
-    from vlp.engine import dist
+    from vlp import dist
     from vlp.engine.checkpoint import full_state_dict
     from vlp.engine.config import EngineConfig, GradCacheConfig
     from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed

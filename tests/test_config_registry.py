@@ -5,7 +5,8 @@ from vlp.registry import Registry
 
 
 def test_overrides_and_types():
-    cfg = load_config("configs/quickstart/clip_digits.yaml", ["optim.lr=1e-3", "optim.steps=200", "engine.zero_stage=2"])
+    overrides = ["optim.lr=1e-3", "optim.steps=200", "engine.zero_stage=2"]
+    cfg = load_config("configs/quickstart/clip_digits.yaml", overrides)
     assert cfg.optim.lr == 1e-3 and cfg.optim.steps == 200 and cfg.engine.zero_stage == 2
     assert cfg.model.image["width"] == 128  # from the recipe
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlp.data.cli import add_data_parser
+from vlp.commands.data import add_data_parser
 from vlp.data.csv_import import from_csv
 from vlp.data.digits import CLASSNAMES, write_digits
 from vlp.data.shards import expand_spec, read_shards, verify, write_shards

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import TAG, TINY_MODEL, make_tiny_run
 from vlp.cli import main
-from vlp.engine.checkpoint import load_model_from_run
-from vlp.export import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, TIMM_HEAD, export, export_open_clip, save_hf_towers
+from vlp.commands.export import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, TIMM_HEAD, export, export_open_clip, save_hf_towers
+from vlp.runs import load_model_from_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -261,8 +261,9 @@ def test_hf_towers_save_pretrained_round_trip(tmp_path):
 
 def make_zero3_runs(out: str) -> None:
     """RUN dirs OUT/{fp32,bf16}: 2 DeepSpeed ZeRO-3 steps of the tiny model, then vlp's checkpoint."""
+    from vlp import dist
     from vlp.config import load_config, save_config
-    from vlp.engine import checkpoint, dist
+    from vlp.engine import checkpoint
     from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
     from vlp.engine.optim import OptimConfig
     from vlp.engine.step import Step

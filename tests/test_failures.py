@@ -32,7 +32,7 @@ def test_nonfinite_loss_skips_the_step(chunk):
 
 
 @pytest.mark.slow
-def test_run_stops_after_consecutive_nonfinite_steps(digits, tmp_path):
+def test_run_stops_after_consecutive_nonfinite_steps(digits, tmp_path):  # noqa: F811  (fixture)
     # exp(1e5) overflows: every logit is inf, every loss NaN
     proc = vlp("train", RECIPE, *TINY, f"data.train={digits}/train", f"data.val={digits}/val",
                f"run.dir={tmp_path}/r", "model.init_logit_scale=100000", "run.max_skipped_steps=3", check=False)
@@ -48,7 +48,7 @@ def _rank_env(rank, port):
 
 
 @pytest.mark.slow
-def test_dead_rank_then_resume(digits, tmp_path):
+def test_dead_rank_then_resume(digits, tmp_path):  # noqa: F811  (fixture)
     run = str(tmp_path / "run")
     args = [sys.executable, "-m", "vlp", "train", RECIPE, *TINY, f"data.train={digits}/train",
             f"data.val={digits}/val", f"run.dir={run}", "optim.steps=30", "run.checkpoint_every=5",

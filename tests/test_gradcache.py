@@ -51,7 +51,8 @@ def _full_graph_grads(model, objective, batch, chunk):
     step = Step(PlainEngine(model), objective, torch.device("cpu"))
     losses = step._loss(out, batch, len(batch["text"]))
     losses["loss"].backward()
-    return float(losses["loss"].detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(losses["loss"].detach()), grads
 
 
 def _assert_close(got, ref):
@@ -88,14 +89,14 @@ def test_replay_matters():
     """Without RNG replay the cached gradients differ: the test above can fail."""
     model, objective, batch = _setup("infonce", timm=True)
     _, ref = _full_graph_grads(model, objective, batch, chunk=4)
-    import vlp.engine.step as step_mod
+    from vlp import rng
 
-    saved = step_mod._rng_set
-    step_mod._rng_set = lambda state: None
+    saved = rng.set_torch_state
+    rng.set_torch_state = lambda state: None
     try:
         _, got = _grads_after_step(copy.deepcopy(model), objective, batch, chunk=4)
     finally:
-        step_mod._rng_set = saved
+        rng.set_torch_state = saved
     err = max(float((got[n] - ref[n]).norm() / ref[n].norm()) for n in ref)
     assert err > 1e-3
 

@@ -43,7 +43,7 @@ SHIMS = {
 # A cheap process for the multi-node rendezvous: vlp's init, then what every rank saw.
 PROBE = '''import json, os, sys
 import torch.distributed
-from vlp.engine import dist
+from vlp import dist
 seen = dist.env_info()
 dist.init_distributed("gloo")
 views = [None] * dist.world_size()

@@ -222,7 +222,7 @@ def test_open_clip_export_drops_heads_safetensors_keeps_them(tmp_path):
     from safetensors.torch import load_file
 
     from tests.helpers import make_tiny_run
-    from vlp.export import export
+    from vlp.commands.export import export
 
     run = make_tiny_run(tmp_path, heads={"cluster": {"name": "mlcd_cluster", "num_centers": 5}})
     oc = export(run, "open_clip", str(tmp_path / "oc"))

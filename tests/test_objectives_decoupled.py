@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives import OBJECTIVES, build_objective
 from vlp.objectives import decoupled as dec
 

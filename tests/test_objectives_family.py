@@ -1,7 +1,7 @@
 """Contrastive family, part 2: cwcl, uniform_align, mw_auc, mv_infonce, mv_dhel, hard_negative_mixing.
 
 Each loss: a reference or limiting-case equality, its defining property, a float64 b=4
-smoke test, and 2 "ranks" without processes (``vlp.engine.dist`` monkeypatched) whose
+smoke test, and 2 "ranks" without processes (``vlp.dist`` monkeypatched) whose
 averaged loss and gradient equal the single-process ones.
 """
 import math
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives import OBJECTIVES, build_objective
 from vlp.objectives.ranking import mw_rows
 
@@ -250,9 +250,9 @@ def test_mv_infonce_equals_written_out_formula():
     loss = _loss(build_objective({"name": "mv_infonce", "views": views}), u, {"logit_scale": torch.tensor([s])})
     ref = 0.0
     for i in range(4):
-        pos = sum(torch.exp(s * u[l][i] @ u[m][i]) for l in views for m in views if l != m)
+        pos = sum(torch.exp(s * u[a][i] @ u[m][i]) for a in views for m in views if a != m)
         den = sum(
-            torch.exp(s * u[l][i] @ u[m][j]) for l in views for m in views for j in range(4) if (j, m) != (i, l)
+            torch.exp(s * u[a][i] @ u[m][j]) for a in views for m in views for j in range(4) if (j, m) != (i, a)
         )
         ref = ref - torch.log(pos / den) / 4
     assert torch.allclose(loss, ref, rtol=1e-12)

@@ -116,7 +116,7 @@ def _one_step(preset: str):
 
 
 def one_step_per_preset(out: str, presets) -> None:
-    from vlp.engine import dist
+    from vlp import dist
     from vlp.engine.deepspeed_engine import quiet_deepspeed
 
     quiet_deepspeed()
@@ -152,7 +152,7 @@ def test_every_preset_builds_an_engine_and_steps(tmp_path):
     assert (ref["weights"]["visual.proj"] - init["visual.proj"]).abs().max() > 1e-3
 
 
-# ---- tools/zero_memory.py: the memory table in docs/ZERO.md -----------------------------------
+# ---- tools/zero_memory.py: the memory table in docs/zero.md -----------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from tests.test_train_e2e import RECIPE, ROOT, TINY, _env, _latest, digits  # no
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_then_one(digits, tmp_path, stage):
+def test_two_ranks_then_one(digits, tmp_path, stage):  # noqa: F811  (fixture)
     run = str(tmp_path / "run")
     common = [RECIPE, *TINY, f"data.train={digits}/train", f"data.val={digits}/val", f"run.dir={run}",
               "eval.zeroshot=false", "run.checkpoint_every=3", f"engine.zero_stage={stage}"]

@@ -48,16 +48,21 @@ def _metrics(run):
 def test_smoke_train_eval_export(digits, tmp_path):
     run = tmp_path / "run"
     data = [f"data.train={digits}/train", f"data.val={digits}/val", f"run.dir={run}"]
-    vlp("train", RECIPE, *TINY, *data, "optim.steps=20", "eval.every_steps=10", "run.checkpoint_every=10")
+    tasks = "eval.tasks=[{name: zeroshot}, {name: retrieval}, {name: val_loss}]"
+    vlp("train", RECIPE, *TINY, *data, "optim.steps=20", "eval.every_steps=10", "run.checkpoint_every=10", tasks)
     records = _metrics(run)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "zeroshot_top1" in r]
     assert [r["step"] for r in steps] == [5, 10, 15, 20]
     assert [r["step"] for r in evals] == [10, 20] and all(r["skipped_samples"] == 0 for r in steps)
     assert os.path.isfile(run / "config.yaml") and os.listdir(run / "tb")
-    out = vlp("eval", "zeroshot", "--checkpoint", str(run), "--data", f"{digits}/val", "--json").stdout
-    zs = json.loads(out.strip().splitlines()[-1])
-    assert zs["num_samples"] == 360 and abs(zs["top1"] - evals[-1]["zeroshot_top1"]) < 1e-9
+    # every task of the list ran in the loop, and equals `vlp eval NAME` on the saved checkpoint
+    for name, key in (("zeroshot", "top1"), ("retrieval", "image_to_text_R@1"), ("val-loss", "loss")):
+        out = vlp("eval", name, "--checkpoint", str(run), "--data", f"{digits}/val", "--json").stdout
+        metrics = json.loads(out.strip().splitlines()[-1])
+        assert metrics["num_samples"] == 360
+        in_loop = evals[-1][f"{name.replace('-', '_')}_{key}"]
+        assert abs(metrics[key] - in_loop) <= 1e-6 * max(1.0, abs(in_loop)), (name, metrics[key], in_loop)
     vlp("export", "--checkpoint", str(run), "--format", "open_clip", "--out", str(tmp_path / "oc"))
     assert os.path.isfile(tmp_path / "oc" / "open_clip_config.json")
 

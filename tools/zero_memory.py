@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Memory per rank of each ZeRO stage for open_clip CLIP architectures (docs/ZERO.md).
+"""Memory per rank of each ZeRO stage for open_clip CLIP architectures (docs/zero.md).
 
     python tools/zero_memory.py                              # ViT-B-16, ViT-L-14 at W = 8, 64
     python tools/zero_memory.py --models ViT-B-32 --world 16 128
@@ -38,7 +38,7 @@ def per_rank_bytes(params: int, world: int) -> Dict[str, Dict[str, float]]:
         "zero1": {"gpu": (WEIGHTS_16 + GRADS_16) * p + OPTIM_32 * p / w, "host": 0.0},
         "zero2": {"gpu": WEIGHTS_16 * p + (GRADS_16 + OPTIM_32) * p / w, "host": 0.0},
         "zero3": {"gpu": (WEIGHTS_16 + GRADS_16 + OPTIM_32) * p / w, "host": 0.0},
-        # all partitioned state in host memory; the GPU keeps only the working set (docs/ZERO.md)
+        # all partitioned state in host memory; the GPU keeps only the working set (docs/zero.md)
         "zero3_offload": {"gpu": 0.0, "host": (WEIGHTS_16 + GRADS_16 + OPTIM_32) * p / w},
     }
 

@@ -1,72 +1,60 @@
 """The ``vlp`` command: data, train, eval, export, caption, cluster, bench.
 
-Every subcommand turns bad input (ValueError, FileNotFoundError) into one line on
-stderr and exit code 2, without a traceback.
+Each subcommand lives in ``vlp/commands/``; only the module of the command being run is
+imported (``vlp --help`` and ``vlp data`` do not load the model code). Every subcommand
+turns bad input (ValueError, FileNotFoundError) into one line on stderr and exit code 2,
+without a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 from typing import List, Optional
 
+from vlp.errors import PeerFailure, TrainingDiverged
 
-def _train(args) -> int:
-    from vlp.config import load_config
-    from vlp.train import train
-
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
-    from vlp.engine import dist
-
-    if dist.rank() == 0:
-        print(json.dumps(result))
-    return 0
-
-
-def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train from a YAML recipe plus dotted key=value overrides")
-    p.add_argument("config", help="YAML recipe, e.g. configs/quickstart/clip_digits.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 engine.zero_stage=2")
-    p.set_defaults(func=_train)
+# name -> (module, its parser builder, one-line help shown by `vlp --help`)
+COMMANDS = {
+    "data": ("vlp.commands.data", "add_data_parser", "write, import and verify WebDataset shards"),
+    "train": ("vlp.commands.train", "add_train_parser", "train from a YAML recipe plus dotted key=value overrides"),
+    "eval": ("vlp.commands.eval", "add_eval_parser", "evaluate a checkpoint (one subcommand per evaluator)"),
+    "export": ("vlp.commands.export", "add_export_parser", "write a run's weights for open_clip, timm, transformers"),
+    "caption": ("vlp.commands.caption", "add_caption_parser", "caption images with a CoCa checkpoint"),
+    "cluster": ("vlp.commands.cluster", "add_cluster_parser", "spherical k-means of image embeddings (MLCD)"),
+    "bench": ("vlp.commands.bench", "add_bench_parser", "benchmarks next to open_clip's reference"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vlp.bench import add_bench_parser
-    from vlp.caption import add_caption_parser
-    from vlp.cluster import add_cluster_parser
-    from vlp.data.cli import add_data_parser
-    from vlp.eval.cli import add_eval_parser
-    from vlp.export import add_export_parser
-
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand complete, or (``command`` given) only that one; the
+    others are listed with their help but not loaded."""
     parser = argparse.ArgumentParser(prog="vlp", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,train,eval,export,caption,cluster,bench}")
-    add_data_parser(sub)
-    _add_train_parser(sub)
-    add_eval_parser(sub)
-    add_export_parser(sub)
-    add_caption_parser(sub)
-    add_cluster_parser(sub)
-    add_bench_parser(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (module, builder, text) in COMMANDS.items():
+        if command is None or name == command:
+            getattr(importlib.import_module(module), builder)(sub)
+        else:
+            sub.add_parser(name, help=text)
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"vlp {args.command}: error: {msg}", file=sys.stderr)
+        print(f"vlp {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        from vlp.train import PeerFailure, TrainingDiverged
-
-        if isinstance(e, (TrainingDiverged, PeerFailure)):
-            print(f"vlp {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-            return 1
-        raise
+    except (TrainingDiverged, PeerFailure) as e:
+        print(f"vlp {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

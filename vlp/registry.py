@@ -1,4 +1,4 @@
-"""One small registry used for towers, objectives and datasets.
+"""One small registry used for towers, heads, objectives, evaluators, stream stages and datasets.
 
 An entry is a builder plus an optional settings dataclass; ``build(spec)`` validates a
 ``{"name": ..., **settings}`` mapping against that dataclass, so tower- and
@@ -7,7 +7,12 @@ objective-specific keys get the same strict checking as the run config.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 from typing import Any, Callable, Dict, Generic, List, Mapping, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -45,6 +50,10 @@ class Registry(Generic[T]):
     def list(self) -> List[str]:
         return sorted(self._entries)
 
+    def builders(self) -> List[Callable[..., T]]:
+        """Every entry's builder, in registration order."""
+        return [entry.builder for entry in self._entries.values()]
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
@@ -70,9 +79,6 @@ class Registry(Generic[T]):
 
 def make_dataclass(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
     """Instantiate dataclass ``cls`` from ``values`` with strict key and type checks."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -82,3 +88,27 @@ def make_dataclass(cls: type, values: Mapping[str, Any], where: str = "") -> Any
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ValueError(f"bad value in {where or cls.__name__}: {str(e).splitlines()[0]}") from None
+
+
+_FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+
+
+def field_comments(cls: type) -> Dict[str, str]:
+    """``{field: its trailing # comment}`` of a dataclass, read from its source: the one place a
+    setting's meaning is written, shown by ``vlp eval NAME --help`` and docs/config.md."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: Dict[str, str] = {}
+    above: List[str] = []  # comment lines just above a field
+    for line in lines:
+        if line.strip().startswith("#"):
+            above.append(line.strip().lstrip("#").strip())
+            continue
+        m = _FIELD.match(line)
+        if m and m.group(1) in names and m.group(1) not in out:
+            out[m.group(1)] = " ".join(filter(None, [*above, (m.group(2) or "").strip()]))
+        above = []
+    return out

@@ -1,31 +1,30 @@
 """The training loop, as named steps: setup, build, resume, then step / log / eval / save."""
 from __future__ import annotations
 
+import contextlib
 import os
-import random
 import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, Optional
 
-import numpy as np
+import deepspeed
 import torch
+from tqdm import tqdm
 
+from vlp import dist
 from vlp.config import Config, save_config
-from vlp.engine import checkpoint, dist
+from vlp.data.stream import build_loader
+from vlp.engine import checkpoint
 from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
 from vlp.engine.step import Step
+from vlp.errors import PeerFailure, TrainingDiverged
+from vlp.eval import run_tasks
 from vlp.metrics import MetricsLogger
 from vlp.models import build_tokenizer, build_transforms, create_model
 from vlp.objectives import build_objective
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite for ``run.max_skipped_steps`` consecutive steps."""
-
-
-class PeerFailure(RuntimeError):
-    """A collective failed: another rank died or did not answer within the timeout."""
+from vlp.rng import seed_all
+from vlp.runs import eval_context
 
 
 @dataclass
@@ -34,12 +33,6 @@ class TrainState:
     epoch: int = 0  # data epoch of the (non-resampled) stream
     samples: int = 0  # global samples seen
     skipped: int = 0  # bad samples skipped by this rank's stream
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -96,8 +89,6 @@ class Trainer:
 
     def train_loader(self, epoch: int, seed: Optional[int] = None):
         """One pass over this rank's share of data.train (train transforms, shuffled by epoch)."""
-        from vlp.data.stream import build_loader
-
         return build_loader(
             self.cfg.data.train,
             self.cfg.data,
@@ -131,7 +122,7 @@ class Trainer:
             rank_state=self.rank_state(),
         )
 
-    # hooks for subclasses (vlp.continual): more checkpointed state, global and per rank
+    # hooks for subclasses (vlp/continual.py): more checkpointed state, global and per rank
     def client_state(self) -> Dict[str, Any]:
         """Extra state saved once (rank 0's copy is loaded on every rank)."""
         return {}
@@ -145,46 +136,24 @@ class Trainer:
 
     # --- eval -----------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
-        """Zero-shot (and retrieval) on data.val; rank 0 evaluates, the others wait."""
-        from vlp.eval.zeroshot import run_zeroshot
-
+        """The evaluators of ``eval.tasks`` on data.val (vlp/eval); rank 0 evaluates, the others wait."""
         cfg = self.cfg
-        if not cfg.data.val or not (cfg.eval.zeroshot or cfg.eval.retrieval):
+        if not cfg.data.val or not cfg.eval.tasks:
             return {}
         model = self.engine.module
         results: Dict[str, float] = {}
         model.eval()
         with self._gathered_params(), torch.no_grad():
             if self.info.is_main:
-                if cfg.eval.zeroshot:
-                    zs = run_zeroshot(
-                        cfg, model, self.tokenizer, self.eval_transform, cfg.data.val,
-                        cfg.eval.classnames, cfg.eval.templates, self.device,
-                    )
-                    results.update({f"zeroshot_{k}": v for k, v in zs.items()})
-                if cfg.eval.retrieval:
-                    results.update(self._retrieval(model))
+                ctx = eval_context(cfg, model, self.tokenizer, self.eval_transform, self.device,
+                                   objective=self.objective)
+                results = run_tasks(cfg.eval.tasks, ctx)
             dist.barrier()
         model.train()
         return dist.broadcast_object(results)
 
-    def _retrieval(self, model) -> Dict[str, float]:
-        from vlp.data.stream import build_eval_loader
-        from vlp.eval.retrieval import evaluate_retrieval
-        from vlp.eval.zeroshot import zeroshot_modality
-
-        loader = build_eval_loader(
-            self.cfg.data.val, self.cfg.data, self.eval_transform, self.tokenizer, self.cfg.eval.batch_size
-        )
-        modality = zeroshot_modality(model, self.cfg.eval.modality)  # image, or audio in an audio-text model
-        return {f"retrieval_{k}": v for k, v in evaluate_retrieval(model, loader, self.device, modality=modality).items()}
-
     def _gathered_params(self):
-        import contextlib
-
         if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
-
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
@@ -240,8 +209,6 @@ class Trainer:
     def _progress(self, start: int):
         if not (self.info.is_main and self.cfg.logging.progress):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.cfg.optim.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     def _log_step(self, losses: Dict[str, float], bar, t0: float) -> float:
@@ -286,13 +253,9 @@ def _collective_failed(e: RuntimeError) -> bool:
     )
 
 
-def train(cfg: Config) -> Dict[str, Any]:
-    if cfg.continual.tasks:  # class-incremental: task after task, with replay (vlp/continual)
-        from vlp.continual.trainer import ContinualTrainer
-
-        trainer = ContinualTrainer(cfg)
-    else:
-        trainer = Trainer(cfg)
+def run(trainer: Trainer) -> Dict[str, Any]:
+    """``trainer.fit()``, leaving the process group together; a failed collective becomes a PeerFailure."""
+    cfg = trainer.cfg
     try:
         result = trainer.fit()
         dist.shutdown()

@@ -35,15 +35,15 @@ class AudioConfig:
     seconds: float = 1.0  # clip length after crop / pad
     n_fft: int = 400  # STFT window and FFT size (25 ms at 16 kHz)
     hop_length: int = 160  # 10 ms at 16 kHz
-    n_mels: int = 64
-    f_min: float = 0.0
+    n_mels: int = 64  # mel bands M of the (1, M, T) features
+    f_min: float = 0.0  # Hz, lowest mel band edge
     f_max: Optional[float] = None  # None: sample_rate / 2
     log_offset: float = 1e-6  # log(mel + log_offset): silence maps to about -13.8
     norm_mean: float = -4.0  # features are (log-mel - norm_mean) / norm_std
-    norm_std: float = 4.0
+    norm_std: float = 4.0  # see norm_mean
     freq_masks: int = 1  # SpecAugment in training; 0 disables
     freq_mask_width: int = 4  # max mel bins per mask
-    time_masks: int = 1
+    time_masks: int = 1  # SpecAugment time masks in training; 0 disables
     time_mask_width: int = 10  # max frames per mask
 
     @property
@@ -61,7 +61,9 @@ class AudioConfig:
 
     def check(self) -> None:
         if self.sample_rate < 1 or self.seconds <= 0:
-            raise ValueError(f"data.audio needs sample_rate >= 1 and seconds > 0, got {self.sample_rate}, {self.seconds}")
+            raise ValueError(
+                f"data.audio needs sample_rate >= 1 and seconds > 0, got {self.sample_rate}, {self.seconds}"
+            )
         if self.n_fft < 2 or not 1 <= self.hop_length <= self.n_fft or self.n_mels < 1:
             raise ValueError(
                 f"data.audio needs n_fft >= 2, 1 <= hop_length <= n_fft and n_mels >= 1, "
@@ -140,7 +142,8 @@ def spec_augment(x: torch.Tensor, cfg: AudioConfig, rng: random.Random) -> torch
     x = x.clone()
     fill = float(x.mean())
     _, m, t = x.shape
-    for n, width, size, axis in ((cfg.freq_masks, cfg.freq_mask_width, m, 1), (cfg.time_masks, cfg.time_mask_width, t, 2)):
+    masks = ((cfg.freq_masks, cfg.freq_mask_width, m, 1), (cfg.time_masks, cfg.time_mask_width, t, 2))
+    for n, width, size, axis in masks:
         for _ in range(n):
             w = rng.randint(0, min(width, size))
             start = rng.randint(0, size - w)

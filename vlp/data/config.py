@@ -12,7 +12,7 @@ class DataConfig:
     # Shard specs: a brace pattern ("d/shard-{000000..000009}.tar"), a folder (all its
     # .tar files), a "pipe:" command, or a list of those (several sources).
     train: Any = "data/digits/train"
-    val: Any = "data/digits/val"
+    val: Any = "data/digits/val"  # eval shards (same forms as train); null: no evaluation during training
     resampled: bool = False  # sample shards with replacement (infinite stream)
     train_weights: Optional[List[float]] = None  # per-source mixing weights, resampled mode
     batch_size: int = 64  # per rank
@@ -21,8 +21,8 @@ class DataConfig:
     image_key: Optional[str] = "png;jpg;jpeg;webp"  # null: no image (an audio-text model)
     audio_key: Optional[str] = None  # e.g. "flac;wav": samples carry audio (vlp/data/audio.py)
     audio: AudioConfig = field(default_factory=AudioConfig)  # decode / log-mel / SpecAugment settings
-    text_key: str = "txt"
-    label_key: str = "cls"
+    text_key: str = "txt"  # caption field(s) of a sample, ";"-separated alternatives
+    label_key: str = "cls"  # integer class label field; a sample without one gets -1
     # `vlp cluster` output (DIR or DIR/assignments.jsonl): train samples get cluster_ids (l,) and
     # cluster_sims (l,) by __key__ (MLCD); a sample missing from it is skipped and counted
     cluster_labels: Optional[str] = None

@@ -22,6 +22,7 @@ import braceexpand
 import webdataset as wds
 from webdataset.autodecode import Decoder, DecodingError
 
+from vlp.data.audio import decode
 from vlp.data.config import DataConfig
 
 SHARD_NAME = "shard-%06d.tar"
@@ -131,8 +132,6 @@ def check_sample(sample: Dict[str, Any], decoder: Decoder, image_key: Optional[s
             get_field(decoded, image_key, "image")
         get_field(decoded, text_key, "caption")
         if audio_key:
-            from vlp.data.audio import decode
-
             decode(get_field(decoded, audio_key, "audio"))
     except ValueError as exn:  # a missing field
         return str(exn)

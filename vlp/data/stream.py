@@ -10,8 +10,8 @@ the skip accounting. A batch dict (B: batch size, L: tokenizer context length)::
     label      long  (B,)          the cfg.label_key field, -1 where a sample has none
     caption    list[str]           length B
     key        list[str]           length B, the samples' __key__
-    cluster_ids   long  (B, l)     the l nearest cluster centers (cfg.cluster_labels, train only)
-    cluster_sims  float (B, l)     their cosine similarities
+    ...                            fields added by registered STREAM_STAGES (MLCD's cluster_ids and
+                                   cluster_sims, ``vlp/data/clusters.py``)
     n_skipped  int                 samples this worker skipped since its previous batch
 
 Modes:
@@ -52,8 +52,14 @@ from webdataset.utils import make_seed
 from vlp.data.audio import AudioTransform
 from vlp.data.config import DataConfig
 from vlp.data.shards import describe, expand_spec, get_field, read_shards
+from vlp.registry import Registry
 
 log = logging.getLogger(__name__)
+
+# Per-sample stages a method adds after decoding (e.g. MLCD's cluster-label join, vlp/data/clusters.py):
+# builder(cfg: DataConfig, handler: SkipCounter, train: bool) -> a webdataset stage, or None when off.
+# A stage's failures go to ``handler`` (skipped and counted like any bad sample).
+STREAM_STAGES: Registry = Registry("stream stage")
 
 
 class SkipCounter:
@@ -109,7 +115,7 @@ def build_loader(
         wds.map(partial(_to_sample, cfg=cfg, image_transform=image_transform, tokenizer=tokenizer,
                         audio_transform=AudioTransform(cfg.audio, train) if cfg.audio_key else None),
                 handler=counter),
-        _cluster_join(cfg.cluster_labels, counter) if train and cfg.cluster_labels else None,
+        *(build(cfg, counter, train) for build in STREAM_STAGES.builders()),  # None when a stage is off
         wds.batched(cfg.batch_size, collation_fn=partial(_collate, counter=counter), partial=not train),
     )
     return DataLoader(
@@ -219,22 +225,6 @@ def _to_sample(sample: Dict[str, Any], cfg: DataConfig, image_transform: Optiona
         "caption": caption,
         "key": sample["__key__"],
     }
-
-
-def _cluster_join(path: str, counter: SkipCounter):
-    """The stage adding ``cluster_ids`` (l,) long and ``cluster_sims`` (l,) float from
-    ``vlp cluster``'s assignments, by sample key; a sample without one is skipped."""
-    from vlp.cluster import cached_assignments
-
-    # loaded once per process (the trainer builds a loader per epoch); forked workers share it
-    return wds.map(partial(_join_clusters, table=cached_assignments(path), path=path), handler=counter)
-
-
-def _join_clusters(sample: Dict[str, Any], table: Dict[str, Any], path: str) -> Dict[str, Any]:
-    if sample["key"] not in table:
-        raise ValueError(f"sample {sample['key']!r} has no cluster assignment in {path}")
-    ids, sims = table[sample["key"]]
-    return {**sample, "cluster_ids": ids, "cluster_sims": sims}
 
 
 def _collate(samples: List[Dict[str, Any]], counter: SkipCounter) -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Atomic, rank-aware checkpoints on top of DeepSpeed's, and loading a run for eval/export.
+"""Atomic, rank-aware checkpoints on top of DeepSpeed's (loading a finished run for eval/export: ``vlp/runs.py``).
 
 Layout of ``RUN_DIR/checkpoints``::
 
@@ -18,15 +18,13 @@ import argparse
 import glob
 import json
 import os
-import random
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from vlp.engine import dist
+from vlp import dist, rng
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "vlp.json"  # world size and ZeRO stage the checkpoint was written with
@@ -61,21 +59,6 @@ def clean_partial(run_dir: str) -> None:
     dist.barrier()
 
 
-def _rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def full_state_dict(engine) -> Dict[str, torch.Tensor]:
     """The whole module state dict on every rank (gathers partitioned ZeRO-3 params)."""
     module = engine.module
@@ -100,7 +83,7 @@ def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: in
     dist.barrier()
     engine.save_checkpoint(root, tag=tmp, client_state=client_state, save_latest=False)
     weights = full_state_dict(engine)
-    torch.save(_rng_state(), os.path.join(root, tmp, f"rng_rank{dist.rank()}.pt"))
+    torch.save(rng.state(), os.path.join(root, tmp, f"rng_rank{dist.rank()}.pt"))
     if rank_state is not None:
         torch.save(rank_state, os.path.join(root, tmp, f"client_rank{dist.rank()}.pt"))
     if dist.rank() == 0:
@@ -143,9 +126,9 @@ def load(engine, run_dir: str) -> Optional[Dict[str, Any]]:
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir(run_dir)}")
-    rng = os.path.join(ckpt_dir(run_dir), tag, f"rng_rank{dist.rank()}.pt")
-    if os.path.isfile(rng):  # absent when resuming with more ranks than were saved
-        _set_rng_state(torch.load(rng, weights_only=False))
+    rng_file = os.path.join(ckpt_dir(run_dir), tag, f"rng_rank{dist.rank()}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming with more ranks than were saved
+        rng.set_state(torch.load(rng_file, weights_only=False))
     own = os.path.join(ckpt_dir(run_dir), tag, f"client_rank{dist.rank()}.pt")
     if os.path.isfile(own):  # save(rank_state=...); absent like the RNG file above
         client_state = {**(client_state or {}), "rank_state": torch.load(own, weights_only=False)}
@@ -182,35 +165,3 @@ def _to_universal(run_dir: str, tag: str) -> str:
         os.replace(tmp, os.path.join(root, out))
     dist.barrier()
     return out
-
-
-def find_weights(path: str) -> Tuple[str, str]:
-    """(weights file, folder holding its config.yaml) for a run dir, a checkpoint tag
-    dir, an export folder (``vlp export --format safetensors``) or the weights file."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MODEL_FILE)):
-        tag = latest_tag(path)
-        if tag is None:
-            raise FileNotFoundError(f"no checkpoint in {path} (expected checkpoints/latest)")
-        return os.path.join(ckpt_dir(path), tag, MODEL_FILE), path
-    weights = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    here = os.path.dirname(os.path.abspath(weights))
-    for folder in (here, os.path.dirname(os.path.dirname(here))):  # export dir; RUN/checkpoints/TAG
-        if os.path.isfile(os.path.join(folder, "config.yaml")):
-            return weights, folder
-    raise FileNotFoundError(f"no config.yaml beside {weights} or in its run folder")
-
-
-def load_model_from_run(run_or_file: str, device: str = "cpu"):
-    """(cfg, model, tokenizer, eval_transform) of a finished or running run, in eval mode."""
-    from vlp.config import load_config
-    from vlp.models import build_tokenizer, build_transforms, create_model
-
-    weights, run_dir = find_weights(run_or_file)
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    model = create_model(cfg.model, load_weights=False)  # the run's weights replace any init
-    model.load_state_dict(load_file(weights), strict=True)
-    model.to(device).eval()
-    _, eval_transform = build_transforms(cfg.model, model)
-    return cfg, model, build_tokenizer(cfg.model, model), eval_transform

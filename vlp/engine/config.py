@@ -1,7 +1,7 @@
 """Settings of the engine: DeepSpeed ZeRO, precision, distributed init, gradient cache.
 
 How ``preset``, the ZeRO fields and ``deepspeed`` combine into one DeepSpeed config is
-described in ``vlp/engine/deepspeed_engine.py`` and docs/ZERO.md.
+described in ``vlp/engine/deepspeed_engine.py`` and docs/zero.md.
 """
 from __future__ import annotations
 
@@ -25,5 +25,5 @@ class EngineConfig:
     offload_params: bool = False  # ZeRO-3 parameters on CPU (true adds it to a preset)
     backend: str = "auto"  # nccl on GPUs, gloo on CPU
     timeout_s: int = 600  # collective timeout: a dead rank fails the others after this
-    grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)  # gradient cache (docs/design.md)
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # raw fields merged over everything above

@@ -12,7 +12,7 @@ The DeepSpeed config is built in layers, each one overriding the one before:
 4. ``engine.deepspeed``: raw DeepSpeed fields, merged last.
 
 So ``engine.preset=zero2 engine.zero_stage=3`` runs stage 3 with the zero2 preset's other
-knobs (and warns), and ``engine.deepspeed.zero_optimization.stage=1`` beats both. docs/ZERO.md
+knobs (and warns), and ``engine.deepspeed.zero_optimization.stage=1`` beats both. docs/zero.md
 has the presets, the precedence and the memory each stage needs.
 """
 from __future__ import annotations

@@ -12,12 +12,12 @@ from torch import nn
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd (momentum 0.9; updates linear in the gradient)
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
+    lr: float = 5e-4  # peak learning rate (after warmup)
+    weight_decay: float = 0.2  # decoupled (AdamW); not on norms, biases, logit scale/bias
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])  # Adam betas
+    eps: float = 1e-6  # Adam epsilon
     steps: int = 1000  # total optimizer steps of the run
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0, then the schedule
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 

@@ -1,4 +1,4 @@
-"""The training step: one pass, or gradient-cached over chunks (DESIGN.md, section 3).
+"""The training step: one pass, or gradient-cached over chunks (docs/design.md, "The step").
 
 Cached step for a local batch of b samples split into K chunks:
 1. each chunk: save RNG, encode without grad -> representations (b_k, D);
@@ -20,22 +20,12 @@ from typing import Dict, List
 
 import torch
 
-from vlp.engine import dist
+from vlp import dist, rng
 from vlp.objectives.base import Objective, StepContext
 
 Batch = Dict[str, object]
 SKIPPED = {"loss": torch.tensor(float("nan")), "skipped_step": torch.tensor(1.0)}
 MODEL_INPUTS = ("image", "text", "audio")
-
-
-def _rng_get():
-    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _rng_set(state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def model_inputs(batch: Batch, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -52,6 +42,26 @@ def split(batch: Batch, chunk_size: int) -> List[Batch]:
         {k: v[i : i + chunk_size] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
         for i in range(0, n, chunk_size)
     ]
+
+
+def batch_fields(objective: Objective, batch: Batch, device) -> Dict[str, torch.Tensor]:
+    """Batch fields the cross-sample part reads (labels), on the device, no grad."""
+    fields = {k: batch[k].to(device) for k in objective.batch_keys}
+    if "label" in fields and bool((fields["label"] < 0).any()):  # the stream's "no label"
+        raise ValueError(f"objective {type(objective).__name__} needs a label on every sample "
+                         "(data.label_key); this batch has samples without one")
+    return fields
+
+
+def objective_losses(objective: Objective, out, batch: Batch, n: int, device) -> Dict[str, torch.Tensor]:
+    """The objective's losses of one forward ``out`` of a local batch of ``n`` rows: the
+    cross-sample part plus each per-sample sum divided by ``n``, all added into ``loss``."""
+    reps = {**{k: out[k] for k in objective.rep_keys}, **batch_fields(objective, batch, device)}
+    losses = objective.cross_sample(reps, {k: out[k] for k in objective.scalar_keys if k in out})
+    for name, value in objective.per_sample(out, batch).items():
+        losses[name] = value / n
+        losses["loss"] = losses.get("loss", 0.0) + losses[name]
+    return losses
 
 
 class Step:
@@ -88,21 +98,10 @@ class Step:
         return float(dist.all_reduce_sum(bad)) == 0.0  # the same decision on every rank
 
     def _fields(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        """Batch fields the cross-sample part reads (labels), on the device, no grad."""
-        fields = {k: batch[k].to(self.device) for k in self.objective.batch_keys}
-        if "label" in fields and bool((fields["label"] < 0).any()):  # the stream's "no label"
-            raise ValueError(f"objective {type(self.objective).__name__} needs a label on every sample "
-                             "(data.label_key); this batch has samples without one")
-        return fields
+        return batch_fields(self.objective, batch, self.device)
 
     def _loss(self, out, batch, n: int) -> Dict[str, torch.Tensor]:
-        obj = self.objective
-        reps = {**{k: out[k] for k in obj.rep_keys}, **self._fields(batch)}
-        losses = obj.cross_sample(reps, {k: out[k] for k in obj.scalar_keys if k in out})
-        for name, value in obj.per_sample(out, batch).items():
-            losses[name] = value / n
-            losses["loss"] = losses.get("loss", 0.0) + losses[name]
-        return losses
+        return objective_losses(self.objective, out, batch, n, self.device)
 
     def _plain(self, batch: Batch, n: int) -> Dict[str, torch.Tensor]:
         out = self.engine(model_inputs(batch, self.device))
@@ -116,10 +115,10 @@ class Step:
     def _cached(self, batch: Batch, n: int) -> Dict[str, torch.Tensor]:
         obj = self.objective
         chunks = split(batch, self.chunk_size)
-        rng, cache, scalars, losses = [], [], {}, {}
+        rng_states, cache, scalars, losses = [], [], {}, {}
         with torch.no_grad():  # 1. encode every chunk without a graph
             for chunk in chunks:
-                rng.append(_rng_get())
+                rng_states.append(rng.torch_state())
                 out = self.engine(model_inputs(chunk, self.device))
                 cache.append({k: out[k] for k in obj.rep_keys})
                 scalars = scalars or {k: out[k] for k in obj.scalar_keys if k in out}
@@ -141,7 +140,7 @@ class Step:
         with self._one_reduction():
             start = 0
             for i, chunk in enumerate(chunks):
-                _rng_set(rng[i])
+                rng.set_torch_state(rng_states[i])
                 out = self.engine(model_inputs(chunk, self.device))
                 b = len(out[obj.rep_keys[0]])
                 surrogate = sum((out[k] * g[start : start + b]).sum() for k, g in g_rep.items() if g is not None)

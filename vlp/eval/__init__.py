@@ -1,7 +1,7 @@
-"""Evaluation: zero-shot classification (``vlp.eval.zeroshot``) and image-text retrieval
-(``vlp.eval.retrieval``); ``vlp.eval.cli`` runs them on a saved checkpoint (``vlp eval``).
-
-Both run in one process over an ordered pass of the eval shards; the trainer calls them
-on rank 0. Nothing is imported here, so that building the ``vlp`` argument parser does
-not load torch and open_clip.
+"""Evaluation: a registry of evaluators (``vlp/eval/registry.py``), each a settings dataclass and
+one entry point returning a dict. Importing this package registers every evaluator:
+zero-shot classification, retrieval, classifier heads, linear probe, captioning, validation
+loss. ``vlp eval continual`` (``vlp/eval/continual.py``) reads a continual run's task snapshots.
 """
+from vlp.eval import caption, classify, probe, retrieval, val_loss, zeroshot  # noqa: F401  (register)
+from vlp.eval.registry import EVALUATORS, EvalContext, run_evaluator, run_tasks  # noqa: F401

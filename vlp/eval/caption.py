@@ -18,19 +18,22 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlp.eval.zeroshot import eval_mode, image_dtype
-from vlp.generate import GenerationConfig, SpecialIds, decode, generate
+from vlp.data.digits import CLASSNAMES as DIGITS
+from vlp.data.stream import build_eval_loader
+from vlp.eval.common import eval_mode, image_dtype
+from vlp.eval.registry import EVALUATORS, EvalContext
+from vlp.eval.zeroshot import read_classnames_templates
+from vlp.models.generate import GenerationConfig, SpecialIds, decode, generate, special_ids
 
 
 def class_patterns(classnames: Sequence[str]) -> List[re.Pattern]:
     """One whole-word pattern per class; the digits' numerals join their words."""
-    from vlp.data.digits import CLASSNAMES as DIGITS
-
     numerals = [name.lower() for name in classnames] == DIGITS
     pats = []
     for i, name in enumerate(classnames):
@@ -99,28 +102,41 @@ def evaluate_captions(
     return result
 
 
-def run_caption_eval(cfg, model, tokenizer: Callable, eval_transform: Callable, data_spec: Any,
-                     gen: GenerationConfig, classnames=None, device: Any = "cpu", progress: bool = False,
-                     use_cache: bool = True) -> Dict[str, Any]:
-    """``evaluate_captions`` on ``data_spec`` with the run's loader settings; class names
-    from ``classnames`` (a file), else beside/above the data when there (else no names_class)."""
-    from vlp.data.stream import build_eval_loader
-    from vlp.eval.zeroshot import read_classnames_templates
+@dataclass
+class CaptionSettings:
+    data: Any = None  # shards; default: the run's data.val (training) or --data
+    classnames: Optional[str] = None  # one class name per line; default: classnames.txt by the data, if there
+    strategy: str = "beam"  # decoding: beam | greedy | top_k | top_p
+    num_beams: int = field(default=6, metadata={"flags": ["--beams"]})  # beam search width
+    top_k: int = 10  # top_k: sample among the k likeliest tokens
+    top_p: float = 0.9  # top_p: sample within probability mass p
+    temperature: float = 1.0  # sampling temperature
+    min_length: int = 1  # tokens before the end token may come
+    max_length: int = 0  # new tokens at most; 0: the model's context
+    repetition_penalty: float = 1.0  # > 1 discourages repeats
+    length_penalty: float = 1.0  # beam: hypotheses ranked by sum log p / length ** length_penalty
+    seed: Optional[int] = None  # sampling seed
+    use_cache: bool = field(default=True, metadata={"flags": ["--no-cache"]})  # key/value cache while decoding
 
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(**{f.name: getattr(self, f.name) for f in fields(GenerationConfig)})
+
+
+@EVALUATORS.register("caption", CaptionSettings)
+def run_caption_eval(settings: CaptionSettings, ctx: EvalContext) -> Dict[str, Any]:
+    """``evaluate_captions`` on the eval data; class names from ``settings.classnames`` (a file),
+    else beside/above the data when there (else no names_class)."""
+    model = ctx.model
     if not hasattr(model, "text_decoder"):  # the CoCa decoder (vlp/models/coca.py)
-        raise ValueError("vlp eval caption needs a captioning model (model.kind: coca)")
+        raise ValueError("the caption evaluator needs a captioning model (model.kind: coca)")
+    data_spec = ctx.data_for(settings)
     names = None
     try:
-        names, _ = read_classnames_templates(data_spec, classnames, templates=["{c}"])
+        names, _ = read_classnames_templates(data_spec, settings.classnames, templates=["{c}"])
     except FileNotFoundError:
-        if classnames is not None:
+        if settings.classnames is not None:
             raise
-    loader = build_eval_loader(data_spec, cfg.data, eval_transform, tokenizer, batch_size=cfg.eval.batch_size)
-    special = _special(model, tokenizer)
-    return evaluate_captions(model, loader, tokenizer, special, gen, names, device, progress, use_cache=use_cache)
-
-
-def _special(model, tokenizer) -> SpecialIds:
-    from vlp.generate import special_ids
-
-    return special_ids(tokenizer, pad_id=getattr(model, "pad_id", 0))
+    loader = build_eval_loader(data_spec, ctx.data_cfg, ctx.transform, ctx.tokenizer, batch_size=ctx.batch_size)
+    special = special_ids(ctx.tokenizer, pad_id=getattr(model, "pad_id", 0))
+    return evaluate_captions(model, loader, ctx.tokenizer, special, settings.generation(), names, ctx.device,
+                             ctx.progress, use_cache=settings.use_cache)

@@ -6,15 +6,23 @@ label on image+text batches: ``<name>_accuracy`` (top-1) and ``<name>_mean_per_c
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable
 
 import torch
 from tqdm import tqdm
 
+from vlp.data.stream import build_eval_loader
 from vlp.engine.step import model_inputs
-from vlp.eval.zeroshot import eval_mode, image_dtype
+from vlp.eval.common import eval_mode, image_dtype
+from vlp.eval.registry import EVALUATORS, EvalContext
 
 PREFIX = "logits_"
+COCONUT_LOGITS = "class_logits"  # the coconut_classifier head's output, reported as "class"
+
+
+def _head_name(output: str) -> str:
+    return "class" if output == COCONUT_LOGITS else output[len(PREFIX):]
 
 
 def evaluate_classify(model, loader: Iterable[Dict[str, Any]], device: Any = "cpu",
@@ -32,7 +40,7 @@ def evaluate_classify(model, loader: Iterable[Dict[str, Any]], device: Any = "cp
             if "image" in inputs:
                 inputs["image"] = inputs["image"].to(image_dtype(model))
             out = model(inputs)
-            logits = {k[len(PREFIX):]: v for k, v in out.items() if k.startswith(PREFIX)}  # name -> (b, C)
+            logits = {_head_name(k): v for k, v in out.items() if k.startswith(PREFIX) or k == COCONUT_LOGITS}
             if not logits:
                 raise ValueError("the model has no classifier heads (no logits_* outputs); train with model.heads "
                                  "of classifier/fusion_classifier (configs/quickstart/m3col_digits.yaml)")
@@ -55,11 +63,14 @@ def evaluate_classify(model, loader: Iterable[Dict[str, Any]], device: Any = "cp
     return metrics
 
 
-def run_classify(cfg, model, tokenizer, eval_transform, data_spec: Any = None, device: Any = "cpu",
-                 progress: bool = False) -> Dict[str, Any]:
-    """Accuracy of every classifier head of ``model`` on ``data_spec`` (default ``cfg.data.val``)."""
-    from vlp.data.stream import build_eval_loader
+@dataclass
+class ClassifySettings:
+    data: Any = None  # shards; default: the run's data.val (training) or --data
 
-    data_spec = cfg.data.val if data_spec is None else data_spec
-    loader = build_eval_loader(data_spec, cfg.data, eval_transform, tokenizer, batch_size=cfg.eval.batch_size)
-    return evaluate_classify(model, loader, device, progress=progress)
+
+@EVALUATORS.register("classify", ClassifySettings)
+def run_classify(settings: ClassifySettings, ctx: EvalContext) -> Dict[str, Any]:
+    """Accuracy of every classifier head of the model on the eval data."""
+    loader = build_eval_loader(ctx.data_for(settings), ctx.data_cfg, ctx.transform, ctx.tokenizer,
+                               batch_size=ctx.batch_size)
+    return evaluate_classify(ctx.model, loader, ctx.device, progress=ctx.progress)

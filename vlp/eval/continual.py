@@ -1,8 +1,10 @@
 """Class-incremental evaluation of a continual run (``vlp eval continual``).
 
 The run writes the model at the end of each task to ``RUN_DIR/tasks/task_{t:03d}/``
-(``vlp/continual/trainer.py``). Each snapshot t classifies the held-out samples of the
-classes seen so far (tasks 0..t), choosing among those classes only, two ways:
+(``vlp/continual.py``, ``vlp/runs.py``). This evaluator reads a run folder, not one model,
+so it is the command ``vlp eval continual`` and not an ``eval.tasks`` entry. Each snapshot t
+classifies the held-out samples of the classes seen so far (tasks 0..t), choosing among
+those classes only, two ways:
 
 - ``zeroshot``: class-name prompts through the text tower (as ``vlp eval zeroshot``);
 - ``classifier``: the ``coconut_classifier`` head's logits, when the model has one.
@@ -18,18 +20,20 @@ Per way (T' = finished tasks, A[t][j] = accuracy of snapshot t on task j's class
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
+
+from vlp.data.stream import build_eval_loader
+from vlp.eval.common import eval_mode, image_dtype
+from vlp.eval.zeroshot import read_classnames_templates, zeroshot_classifier
 
 METRICS = ("zeroshot", "classifier")
 
 
 def _features(model, loader, modality: str, classes: set, device, progress: bool):
     """(features (n, D), class_logits (n, C) or None, labels (n,)) of the samples of ``classes``."""
-    from vlp.eval.zeroshot import eval_mode, image_dtype
-
     feats, logits, labels = [], [], []
     with eval_mode(model):
         for batch in tqdm(loader, desc="continual eval", unit="batch", disable=not progress, leave=False):
@@ -81,7 +85,8 @@ def _accuracies(pred: torch.Tensor, labels: torch.Tensor, tasks, t: int):
 
 
 def run_continual_eval(
-    run_dir: str,
+    meta: Dict[str, Any],
+    load: Callable[[int], Tuple[Any, Any, Any, Any]],
     data_spec: Any = None,
     classnames: Optional[str] = None,
     templates: Optional[str] = None,
@@ -89,19 +94,15 @@ def run_continual_eval(
     device: Any = "cpu",
     progress: bool = False,
 ) -> Dict[str, Any]:
-    """Metrics (module docstring) of every finished task of the continual run ``run_dir``."""
-    from vlp.continual.trainer import read_tasks, task_weights
-    from vlp.data.stream import build_eval_loader
-    from vlp.engine.checkpoint import load_model_from_run
-    from vlp.eval.zeroshot import read_classnames_templates, zeroshot_classifier
-
-    meta = read_tasks(run_dir)
+    """Metrics (module docstring) of every finished task of a continual run: ``meta`` is its
+    ``tasks.json`` (``vlp.runs.read_tasks``), ``load(t)`` gives (cfg, model, tokenizer,
+    eval_transform) of its snapshot at the end of task t."""
     tasks, done, modality = meta["tasks"], meta["done"], meta.get("modality", "image")
     classes = {c for task in tasks for c in task}
     raw: Dict[str, List] = {m: [[], []] for m in METRICS}  # metric -> [seen accuracies, A rows]
     n = 0
     for t in tqdm(range(done), desc="tasks", unit="task", disable=not progress):
-        cfg, model, tokenizer, eval_transform = load_model_from_run(task_weights(run_dir, t), device=device)
+        cfg, model, tokenizer, eval_transform = load(t)
         data = data_spec if data_spec is not None else cfg.data.val
         names, prompts = read_classnames_templates(
             data, classnames if classnames is not None else cfg.eval.classnames,

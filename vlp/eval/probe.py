@@ -1,6 +1,7 @@
 """Linear probe and kNN accuracy of frozen image features.
 
-``vlp eval linear-probe --checkpoint RUN_DIR --train DIR/train --val DIR/val [--json]``
+``vlp eval linear-probe --checkpoint RUN_DIR --train DIR/train --val DIR/val [--json]``, or
+``{name: linear_probe, train: DIR/train}`` in ``eval.tasks``.
 
 Features: the image tower's unit-norm embedding (``encode_image``) of every sample
 (eval transform, no augmentation). Linear probe: scikit-learn's ``LogisticRegression``
@@ -14,12 +15,16 @@ Shapes: N samples, D embedding dim.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
+from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from vlp.data.stream import build_eval_loader
+from vlp.eval.common import eval_mode, image_dtype
+from vlp.eval.registry import EVALUATORS, EvalContext
 
 PROBE_KEYS = ("linear_top1", "knn_top1")
 
@@ -27,10 +32,6 @@ PROBE_KEYS = ("linear_top1", "knn_top1")
 @torch.no_grad()
 def extract_features(model, loader, device, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, labels (N,)) of the labelled samples in ``loader``."""
-    from tqdm import tqdm
-
-    from vlp.eval.zeroshot import eval_mode, image_dtype
-
     feats, labels = [], []
     with eval_mode(model):
         for batch in tqdm(loader, desc="features", unit="batch", disable=not progress):
@@ -66,8 +67,6 @@ def knn_accuracy(train_x, train_y, val_x, val_y, k: int = 20) -> float:
 def run_linear_probe(model, eval_transform, data_cfg, train_spec: Any, val_spec: Any, device: Any = "cpu",
                      batch_size: int = 256, c: float = 1.0, knn_k: int = 20, progress: bool = False) -> Dict[str, Any]:
     """linear_top1, knn_top1, num_train, num_val, feature_dim of ``model``'s image features."""
-    from vlp.data.stream import build_eval_loader
-
     if c <= 0 or knn_k < 1:
         raise ValueError(f"need --C > 0 and --knn-k >= 1, got {c}, {knn_k}")
     data_cfg = dataclasses.replace(data_cfg, cluster_labels=None)
@@ -89,33 +88,20 @@ def run_linear_probe(model, eval_transform, data_cfg, train_spec: Any, val_spec:
     }
 
 
-def add_probe_parser(tasks) -> None:
-    p = tasks.add_parser("linear-probe", help="logistic regression and kNN accuracy on frozen image features")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="RUN_DIR (its latest checkpoint), a tag dir or a model.safetensors")
-    src.add_argument("--config", help="a recipe YAML: its model at random init (run.seed)")
-    p.add_argument("--train", required=True, help="labelled shards the probe is fitted on")
-    p.add_argument("--val", required=True, help="labelled shards the accuracy is measured on")
-    p.add_argument("--C", type=float, default=1.0, dest="c", help="inverse L2 strength of the logistic regression")
-    p.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN classifier (default 20)")
-    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a readable line")
-    p.set_defaults(func=_linear_probe)
+@dataclass
+class LinearProbeSettings:
+    train: Any = None  # labelled shards the probe is fitted on; default: the run's data.train
+    val: Any = None  # labelled shards the accuracy is measured on; default: the eval data (data.val / --data)
+    c: float = field(default=1.0, metadata={"flags": ["--C"]})  # inverse L2 strength of the logistic regression
+    knn_k: int = 20  # neighbours of the kNN classifier
 
 
-def _linear_probe(args) -> int:
-    from vlp.cluster import load_image_model
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, transform, data_cfg = load_image_model(args.checkpoint, None, args.config)
-    metrics = run_linear_probe(model.to(device), transform, data_cfg, args.train, args.val, device, args.batch_size,
-                               args.c, args.knn_k, progress=sys.stderr.isatty())
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        values = "  ".join(f"{k} {metrics[k]:.4f}" for k in PROBE_KEYS)
-        print(f"linear-probe on {args.val}: {values}  (train n={metrics['num_train']}, val n={metrics['num_val']})")
-    return 0
+@EVALUATORS.register("linear_probe", LinearProbeSettings)
+def linear_probe(settings: LinearProbeSettings, ctx: EvalContext) -> Dict[str, Any]:
+    """linear_top1, knn_top1 (module docstring) of the model's image features."""
+    train = settings.train if settings.train is not None else ctx.train_data
+    if not train:
+        raise ValueError("linear_probe needs train: the labelled shards the probe is fitted on (--train)")
+    val = settings.val if settings.val is not None else ctx.data_for(settings)
+    return run_linear_probe(ctx.model, ctx.transform, ctx.data_cfg, train, val, ctx.device,
+                            ctx.batch_size, settings.c, settings.knn_k, progress=ctx.progress)

@@ -11,12 +11,15 @@ favour and the result does not depend on sample order.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
-from vlp.eval.zeroshot import encode, eval_mode, zeroshot_modality
+from vlp.data.stream import build_eval_loader
+from vlp.eval.common import encode, eval_mode, zeroshot_modality
+from vlp.eval.registry import EVALUATORS, EvalContext
 
 RECALL_AT = (1, 5, 10)
 
@@ -70,19 +73,16 @@ def evaluate_retrieval(
     return {**recall_at_k(image_emb, text_emb, modality), "num_samples": len(image_emb)}
 
 
-def run_retrieval(
-    cfg,
-    model,
-    tokenizer: Callable,
-    eval_transform: Callable,
-    data_spec: Any = None,
-    device: Any = "cpu",
-    progress: bool = False,
-) -> Dict[str, Any]:
-    """Retrieval metrics of ``model`` on ``data_spec`` (default ``cfg.data.val``), one process (rank 0)."""
-    from vlp.data.stream import build_eval_loader
+@dataclass
+class RetrievalSettings:
+    data: Any = None  # shards; default: the run's data.val (training) or --data
+    modality: Optional[str] = None  # image | audio; default eval.modality, else image when the model has it
 
-    data_spec = cfg.data.val if data_spec is None else data_spec
-    loader = build_eval_loader(data_spec, cfg.data, eval_transform, tokenizer, batch_size=cfg.eval.batch_size)
-    modality = zeroshot_modality(model, getattr(cfg.eval, "modality", None))
-    return evaluate_retrieval(model, loader, device, progress=progress, modality=modality)
+
+@EVALUATORS.register("retrieval", RetrievalSettings)
+def run_retrieval(settings: RetrievalSettings, ctx: EvalContext) -> Dict[str, Any]:
+    """Retrieval metrics of the model on the eval data, one process."""
+    loader = build_eval_loader(ctx.data_for(settings), ctx.data_cfg, ctx.transform, ctx.tokenizer,
+                               batch_size=ctx.batch_size)
+    modality = zeroshot_modality(ctx.model, settings.modality if settings.modality is not None else ctx.modality)
+    return evaluate_retrieval(ctx.model, loader, ctx.device, progress=ctx.progress, modality=modality)

@@ -13,55 +13,23 @@ image tower, else the audio (zero-shot keyword classification of ``vlp data tone
 """
 from __future__ import annotations
 
-import contextlib
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import open_clip
 import torch
 from tqdm import tqdm
 
+from vlp.data.shards import expand_spec
+from vlp.data.stream import build_eval_loader
+from vlp.eval.common import encode, eval_mode, zeroshot_modality
+from vlp.eval.registry import EVALUATORS, EvalContext
+
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
 NamesOrFile = Optional[Union[str, Sequence[str]]]  # a path to a one-per-line file, or the names
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """``model.eval()`` and no grad inside; the caller's train/eval mode is restored after
-    (the trainer's periodic eval hands in the model it is training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def image_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype images must have: the weights' (bf16/fp16 under DeepSpeed mixed precision)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-TOWERS = {"image": "visual", "audio": "audio"}  # modality -> the model's tower attribute
-
-
-def zeroshot_modality(model: torch.nn.Module, requested: Optional[str] = None) -> str:
-    """``requested`` if the model has that tower, else (None) image when it has an image tower, else audio."""
-    if requested is None:
-        requested = "image" if getattr(model, "visual", None) is not None else "audio"
-    if requested not in TOWERS or getattr(model, TOWERS[requested], None) is None:
-        have = [m for m, tower in TOWERS.items() if getattr(model, tower, None) is not None]
-        raise ValueError(f"cannot classify {requested!r}: the model's towers for it are {', '.join(have) or 'none'}")
-    return requested
-
-
-def encode(model, modality: str, x: torch.Tensor, device: Any) -> torch.Tensor:
-    """(b, D) unit-norm features of a batch of ``modality`` inputs (images or log-mels)."""
-    x = x.to(device, image_dtype(model))
-    return model.encode_image(x, normalize=True) if modality == "image" else model.encode_audio(x, normalize=True)
 
 
 def _read_lines(path: str) -> List[str]:
@@ -75,8 +43,6 @@ def _read_lines(path: str) -> List[str]:
 
 def _data_dirs(data_spec: Any) -> List[str]:
     """Where the zero-shot files of ``data_spec`` may live: its shard folder and that folder's parent."""
-    from vlp.data.shards import expand_spec
-
     first = expand_spec(data_spec)[0]  # validates the spec: a clear error for missing data
     if first.startswith("pipe:") or "://" in first:
         return []  # remote shards: the files must be given explicitly
@@ -196,33 +162,28 @@ def evaluate_zeroshot(
     return tally.result()
 
 
-def run_zeroshot(
-    cfg,
-    model,
-    tokenizer: Callable,
-    eval_transform: Callable,
-    data_spec: Any = None,
-    classnames: NamesOrFile = None,
-    templates: NamesOrFile = None,
-    device: Any = "cpu",
-    progress: bool = False,
-    modality: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Zero-shot metrics of ``model`` on ``data_spec`` (default ``cfg.data.val``), one process.
+@dataclass
+class ZeroshotSettings:
+    data: Any = None  # shards; default: the run's data.val (training) or --data
+    classnames: Optional[str] = None  # a one-per-line file; default eval.classnames, else classnames.txt by the data
+    templates: Optional[str] = None  # a file of prompts with {c}; default eval.templates, else the file by the data
+    modality: Optional[str] = None  # image | audio; default eval.modality, else image when the model has it
 
-    Class names and templates: the arguments, else ``cfg.eval``'s files, else the files
-    beside the data. The classified input: ``modality``, else ``cfg.eval.modality``, else
-    see ``zeroshot_modality``. In a distributed run call it on rank 0 only (it reads every shard).
-    """
-    from vlp.data.stream import build_eval_loader
 
-    modality = zeroshot_modality(model, modality if modality is not None else getattr(cfg.eval, "modality", None))
-    data_spec = cfg.data.val if data_spec is None else data_spec
+@EVALUATORS.register("zeroshot", ZeroshotSettings)
+def run_zeroshot(settings: ZeroshotSettings, ctx: EvalContext) -> Dict[str, Any]:
+    """top1, top5, mean_per_class_recall, num_samples of zero-shot classification on the eval data.
+
+    Class names and templates: the settings' files, else the run's (``eval.classnames`` /
+    ``eval.templates``), else the files beside the data. One process reads every shard."""
+    model = ctx.model
+    modality = zeroshot_modality(model, settings.modality if settings.modality is not None else ctx.modality)
+    data_spec = ctx.data_for(settings)
     names, prompts = read_classnames_templates(
         data_spec,
-        classnames if classnames is not None else cfg.eval.classnames,
-        templates if templates is not None else cfg.eval.templates,
+        settings.classnames if settings.classnames is not None else ctx.classnames,
+        settings.templates if settings.templates is not None else ctx.templates,
     )
-    classifier = zeroshot_classifier(model, tokenizer, names, prompts, device)  # (D, C)
-    loader = build_eval_loader(data_spec, cfg.data, eval_transform, tokenizer, batch_size=cfg.eval.batch_size)
-    return evaluate_zeroshot(model, loader, classifier, device, progress=progress, modality=modality)
+    classifier = zeroshot_classifier(model, ctx.tokenizer, names, prompts, ctx.device)  # (D, C)
+    loader = build_eval_loader(data_spec, ctx.data_cfg, ctx.transform, ctx.tokenizer, batch_size=ctx.batch_size)
+    return evaluate_zeroshot(model, loader, classifier, ctx.device, progress=ctx.progress, modality=modality)

@@ -1,2 +1,7 @@
-"""Towers, projections, logit scale/bias and the model factory. No losses, no parallelism."""
-from vlp.models.factory import ModelConfig, create_model, build_tokenizer, build_transforms  # noqa: F401
+"""Models: the factory (``create_model``), towers, the CLIP and CoCa models, heads, caption generation.
+
+Importing the package registers every head (``classifier``, ``fusion_classifier``,
+``coconut_classifier``, ``mlcd_cluster``).
+"""
+from vlp.models import classifier, cluster_head  # noqa: F401  (register heads)
+from vlp.models.factory import ModelConfig, build_tokenizer, build_transforms, create_model  # noqa: F401

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.models.towers import tower_contract
 from vlp.registry import Registry
 
 # builder(settings, embed_dim) -> AudioTower
@@ -71,7 +72,7 @@ class AudioTower(nn.Module):
 
 
 def build_audio_tower(spec: Dict[str, Any], embed_dim: int) -> AudioTower:
-    return AUDIO_TOWERS.build(spec, embed_dim)
+    return tower_contract(AUDIO_TOWERS.build(spec, embed_dim), embed_dim, "audio tower")
 
 
 # ---- vit: timm VisionTransformer over the spectrogram ---------------------------------
@@ -82,13 +83,13 @@ class AudioViT:
     n_mels: int = 64  # M, = data.audio.n_mels
     frames: int = 101  # T, = data.audio frames (1 + seconds * sample_rate // hop_length)
     patch_size: List[int] = field(default_factory=lambda: [16, 16])  # (mel bins, frames) per patch
-    width: int = 192
-    layers: int = 12
-    heads: int = 3
-    mlp_ratio: float = 4.0
+    width: int = 192  # transformer width
+    layers: int = 12  # transformer blocks
+    heads: int = 3  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden / width
     pool: str = "avg"  # timm global_pool: avg, token, map
-    drop_path: float = 0.0
-    proj_bias: bool = False
+    drop_path: float = 0.0  # stochastic depth rate
+    proj_bias: bool = False  # bias in the projection to embed_dim
 
 
 class TimmAudioViT(AudioTower):
@@ -125,16 +126,17 @@ def _vit(s: AudioViT, embed_dim: int) -> AudioTower:
 @dataclass
 class HFAudio:
     model_type: str = "audio-spectrogram-transformer"  # or "whisper" (its encoder)
-    n_mels: int = 64
-    frames: int = 101
+    n_mels: int = 64  # mel bands of the input (= data.audio.n_mels)
+    frames: int = 101  # frames of the input (= data.audio.frames)
     config: Dict[str, Any] = field(default_factory=dict)  # transformers config fields (hidden_size, ...)
-    proj_bias: bool = False
+    proj_bias: bool = False  # bias in the projection to embed_dim
 
 
 class HFAudioEncoder(AudioTower):
     def __init__(self, s: HFAudio, embed_dim: int):
         if s.model_type not in _HF_ENCODERS:
-            raise ValueError(f"model.audio.model_type {s.model_type!r} is not supported; valid: {', '.join(_HF_ENCODERS)}")
+            valid = ", ".join(_HF_ENCODERS)
+            raise ValueError(f"model.audio.model_type {s.model_type!r} is not supported; valid: {valid}")
         trunk, width, self.kind = _HF_ENCODERS[s.model_type](s)
         super().__init__(trunk, width, embed_dim, s.n_mels, s.frames, s.proj_bias)
 

@@ -12,7 +12,8 @@ unit-norm tower outputs and add logits::
         cls_text:   {name: classifier, modality: text, num_classes: 20}            # -> logits_text
         cls_fusion: {name: fusion_classifier, num_classes: 20}                      # -> logits_fusion
 
-A head whose input modality is absent from the batch (an image-only forward) adds
+COCONUT's ``coconut_classifier`` is the same head with no hidden layer and output
+``class_logits``. A head whose input modality is absent from the batch (an image-only forward) adds
 nothing. The MLP is M3CoL's ``Classifier``: ``layers`` hidden Linear+ReLU layers (dropout
 after the first), then a Linear to C logits. The losses on these logits live in the
 ``m3col`` objective (``vlp/objectives/m3col.py``); ``vlp eval classify`` reports the
@@ -36,7 +37,7 @@ MODALITIES = ("image", "text", "audio")
 class ClassifierConfig:
     num_classes: int = 10  # C
     modality: str = "image"  # which unit-norm model output the head classifies
-    hidden_dim: int = 256
+    hidden_dim: int = 256  # width of the hidden layers
     layers: int = 2  # hidden layers (M3CoL: 2)
     dropout: float = 0.0  # after the first hidden layer
     output: Optional[str] = None  # output key; default logits_<modality>
@@ -46,10 +47,10 @@ class ClassifierConfig:
 class FusionClassifierConfig:
     num_classes: int = 10  # C
     modalities: List[str] = field(default_factory=lambda: ["image", "text"])  # concatenated in this order
-    hidden_dim: int = 256
-    layers: int = 2
-    dropout: float = 0.0
-    output: str = "logits_fusion"
+    hidden_dim: int = 256  # width of the hidden layers
+    layers: int = 2  # hidden layers
+    dropout: float = 0.0  # after the first hidden layer
+    output: str = "logits_fusion"  # output key
 
 
 def _check(where: str, num_classes: int, modalities, hidden_dim: int, layers: int, dropout: float) -> None:
@@ -104,3 +105,17 @@ def _fusion_classifier(cfg: FusionClassifierConfig, embed_dim: int) -> nn.Module
     _check("fusion_classifier head", cfg.num_classes, cfg.modalities, cfg.hidden_dim, cfg.layers, cfg.dropout)
     return ClassifierHead(cfg.modalities, embed_dim, cfg.num_classes, cfg.hidden_dim, cfg.layers, cfg.dropout,
                           cfg.output)
+
+
+@dataclass
+class CoconutClassifierConfig:
+    num_classes: int = 10  # C
+    modality: str = "image"  # which unit-norm features it reads
+
+
+@HEADS.register("coconut_classifier", CoconutClassifierConfig)
+def _coconut_classifier(cfg: CoconutClassifierConfig, embed_dim: int) -> nn.Module:
+    """COCONUT's head (``vlp/objectives/coconut.py``): the classifier head with no hidden layer,
+    output ``class_logits`` (the same as ``{name: classifier, layers: 0, output: class_logits}``)."""
+    _check("coconut_classifier head", cfg.num_classes, [cfg.modality], 1, 0, 0.0)
+    return ClassifierHead([cfg.modality], embed_dim, cfg.num_classes, 0, 0, 0.0, "class_logits")

@@ -15,7 +15,7 @@ from torch import nn
 
 
 class TowerInterface:
-    """The uniform tower methods lifted to a model (STYLE 4); shared by ContrastiveModel
+    """The uniform tower methods lifted to a model (docs/design.md, "Towers"); shared by ContrastiveModel
     and CoCaModel. ``tower_names`` are the attributes holding towers (None = absent)."""
 
     tower_names = ("visual", "text")

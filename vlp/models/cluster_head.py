@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.models.heads import HEADS
 
 Tensors = Dict[str, torch.Tensor]

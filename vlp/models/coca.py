@@ -58,12 +58,12 @@ class CoCaSettings:
 
     pooling: str = "open_clip"  # open_clip | parallel (the paper) | cascade, see the module docstring
     caption_queries: int = 256  # Q: learned queries of the caption pooler
-    pooler_heads: int = 8
+    pooler_heads: int = 8  # attention heads of the poolers
     # the multimodal (captioning) decoder; its width is the text width
-    layers: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    ls_init_value: Optional[float] = None
+    layers: int = 12  # decoder blocks
+    heads: int = 8  # decoder attention heads
+    mlp_ratio: float = 4.0  # decoder MLP hidden / width
+    ls_init_value: Optional[float] = None  # decoder LayerScale init; null: none
 
 
 def coca_settings(values: Dict[str, Any]) -> CoCaSettings:

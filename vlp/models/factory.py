@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import open_clip
-from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
@@ -17,7 +16,7 @@ from vlp.models.audio import build_audio_tower
 from vlp.models.clip import ContrastiveModel
 from vlp.models.coca import CoCaModel, coca_model_cfg
 from vlp.models.heads import build_heads
-from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS, open_clip_cfg, text_tower, vision_tower
 from vlp.registry import Registry
 
 
@@ -29,13 +28,13 @@ class ModelConfig:
     # An open_clip pretrained tag (with `open_clip`), or a local checkpoint: a .pt /
     # .bin / .safetensors file, or a folder written by `vlp export --format open_clip`.
     pretrained: Optional[str] = None
-    embed_dim: int = 512
+    embed_dim: int = 512  # the shared embedding dimension D every tower projects to
     image: Optional[Dict[str, Any]] = field(default_factory=lambda: {"name": "open_clip"})  # None: no image tower
-    text: Dict[str, Any] = field(default_factory=lambda: {"name": "open_clip"})
-    quick_gelu: bool = False
-    init_logit_scale: float = math.log(1 / 0.07)
+    text: Dict[str, Any] = field(default_factory=lambda: {"name": "open_clip"})  # a text tower spec
+    quick_gelu: bool = False  # OpenAI CLIP's QuickGELU activation in the open_clip towers
+    init_logit_scale: float = math.log(1 / 0.07)  # log of the initial inverse temperature
     init_logit_bias: Optional[float] = None  # set (e.g. -10) for SigLIP
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # activation checkpointing in every tower (less memory, more compute)
     # Which model: "clip" (two or three towers + logit scale) or "coca" (see vlp/models/coca.py).
     kind: str = "clip"
     # CoCa's multimodal decoder and pooling settings (kind: coca).
@@ -61,11 +60,16 @@ class _ClipKind:
 
     @staticmethod
     def build(cfg: ModelConfig, model_cfg: Dict[str, Any]) -> ContrastiveModel:
-        quick_gelu = model_cfg.get("quick_gelu", False)
+        quick_gelu, dim = model_cfg.get("quick_gelu", False), model_cfg["embed_dim"]
+        if cfg.open_clip:  # a named open_clip architecture: its own tower configs
+            visual = None if model_cfg["vision_cfg"] is None else vision_tower(model_cfg["vision_cfg"], dim, quick_gelu)
+            text = text_tower(model_cfg["text_cfg"], dim, quick_gelu)
+        else:  # the registries' entries (vlp/models/towers.py)
+            visual = None if cfg.image is None else IMAGE_TOWERS.build(cfg.image, dim, quick_gelu)
+            text = TEXT_TOWERS.build(cfg.text, dim, quick_gelu)
         return ContrastiveModel(
-            visual=None if model_cfg["vision_cfg"] is None else _build_vision_tower(
-                model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu),
-            text=_build_text_tower(model_cfg["embed_dim"], model_cfg["text_cfg"], quick_gelu),
+            visual=visual,
+            text=text,
             embed_dim=model_cfg["embed_dim"],
             init_logit_scale=model_cfg["init_logit_scale"],
             init_logit_bias=model_cfg.get("init_logit_bias"),
@@ -112,8 +116,8 @@ def open_clip_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
     else:
         model_cfg = {
             "embed_dim": cfg.embed_dim,
-            "vision_cfg": None if cfg.image is None else IMAGE_TOWERS.build(cfg.image),  # None: audio-text
-            "text_cfg": TEXT_TOWERS.build(cfg.text),
+            "vision_cfg": None if cfg.image is None else open_clip_cfg(IMAGE_TOWERS, cfg.image),  # None: audio-text
+            "text_cfg": open_clip_cfg(TEXT_TOWERS, cfg.text),
             "quick_gelu": cfg.quick_gelu,
         }
     model_cfg = MODEL_KINDS.get(model_kind(cfg)).builder.model_cfg(cfg, model_cfg)

@@ -11,7 +11,9 @@ the model inputs, and returns new outputs to add (e.g. ``{"cluster_logits": ...}
 Heads run inside the model's forward, so DeepSpeed sees their parameters like any
 other (ZeRO partitions them, the optimizer steps them, checkpoints hold them), and the
 state-dict names are ``heads.<key>.*``. A builder takes its settings dataclass and the
-model's ``embed_dim``. Entries live beside the method that uses them and register here.
+model's ``embed_dim``. Entries are modules of the models package (``classifier.py``,
+``cluster_head.py``), registered when ``vlp/models/__init__.py`` imports them; objectives
+read the heads' outputs and never define heads.
 """
 from __future__ import annotations
 
@@ -28,16 +30,4 @@ Tensors = Dict[str, torch.Tensor]
 
 
 def build_heads(specs: Dict[str, Dict], embed_dim: int) -> nn.ModuleDict:
-    _import_entries()
     return nn.ModuleDict({key: HEADS.build(spec, embed_dim) for key, spec in (specs or {}).items()})
-
-
-def _import_entries() -> None:
-    """Modules that register heads (imported on first use, like objectives)."""
-    import importlib
-
-    for module in _HEAD_MODULES:
-        importlib.import_module(module)
-
-
-_HEAD_MODULES: tuple = ("vlp.objectives.coconut", "vlp.models.cluster_head", "vlp.models.classifier")  # e.g. ("vlp.models.cluster_head",): add yours

@@ -3,9 +3,16 @@
 Importing this package registers every objective in ``OBJECTIVES``; one module per
 objective family.
 """
+from vlp.objectives import (  # noqa: F401,E402
+    coca,  # noqa: F401,E402
+    coconut,  # noqa: F401,E402
+    contrastive,
+    decoupled,
+    m3col,  # noqa: F401,E402
+    mixing,
+    mlcd,  # noqa: F401,E402
+    multiview,
+    ranking,
+    weighted,
+)
 from vlp.objectives.base import OBJECTIVES, Objective, build_objective  # noqa: F401
-from vlp.objectives import contrastive, decoupled, mixing, multiview, ranking, weighted  # noqa: F401,E402
-from vlp.objectives import coconut  # noqa: F401,E402
-from vlp.objectives import mlcd  # noqa: F401,E402
-from vlp.objectives import m3col  # noqa: F401,E402
-from vlp.objectives import coca  # noqa: F401,E402

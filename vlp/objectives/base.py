@@ -1,11 +1,11 @@
 """The objective interface that makes gradient caching work for every objective.
 
-An objective splits its loss in two (DESIGN.md, section 3):
+An objective splits its loss in two (docs/design.md, "Objectives"):
 
 * ``cross_sample(reps, scalars)``: a function of the representations of the *global*
   batch. It receives this rank's rows (``reps[k]``: (b, D)) and the shared scalars
   (``logit_scale``, ``logit_bias``), gathers across ranks itself through
-  ``vlp.engine.dist``, and returns the mean over this rank's rows. Called once per
+  ``vlp.dist``, and returns the mean over this rank's rows. Called once per
   step, on representations cached from all chunks.
 * ``per_sample(out, batch)``: terms that need no other sample (caption or classifier
   cross-entropy), returned as **sums** over the chunk; the step divides by the local
@@ -27,7 +27,7 @@ gradient), passed in ``reps`` beside them; ``scalar_keys`` the per-step scalars.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -70,6 +70,10 @@ class Objective(nn.Module):
 
     def per_sample(self, out: Tensors, batch: Dict) -> Tensors:
         return {}
+
+    def set_seen_classes(self, classes: Optional[Sequence[int]]) -> None:
+        """Hook of class-incremental training (``vlp/continual.py``): the class ids learned so far
+        (None: every class). Objectives with a classifier term restrict it to these; others ignore it."""
 
 
 def build_objective(spec) -> Objective:

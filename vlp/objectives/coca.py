@@ -23,7 +23,7 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, StepContext, Tensors
 
 # the model's caption_labels at padding: vlp.models.coca.IGNORE_INDEX (torch's default), not
@@ -33,8 +33,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CoCaLossConfig:
-    clip_loss_weight: float = 1.0
-    caption_loss_weight: float = 2.0
+    clip_loss_weight: float = 1.0  # weight of the contrastive term
+    caption_loss_weight: float = 2.0  # weight of the caption cross-entropy
     # the cross-sample objective (a registry spec): infonce (CoCa's), siglip (needs model.init_logit_bias), ...
     contrastive: Dict[str, Any] = field(default_factory=lambda: {"name": "infonce"})
     pad_id: int = 0  # the tokenizer's pad id: batch text tokens not counted as caption targets

@@ -25,9 +25,9 @@ Where the inputs come from (``vlp.continual.ContinualTrainer`` builds them):
   ``begin_step`` from the local batch (``Step`` requires every ``batch_keys`` field, and
   a batch without rehearsal rows, e.g. the first task or a generic labelled batch, must
   work: NSPT is then exactly zero);
-- ``class_logits`` (b, C): the ``coconut_classifier`` head's output (registered below; a
-  model head so that it runs inside the engine's forward). Without the head the
-  supervised term is off (a warning says so).
+- ``class_logits`` (b, C): the ``coconut_classifier`` head's output (``vlp/models/classifier.py``:
+  the one classifier head, linear, output ``class_logits``; a model head so that it runs inside
+  the engine's forward). Without the head the supervised term is off (a warning says so).
 
 The supervised term is a linear classifier head (class-incremental: cross-entropy over
 the classes seen so far, ``set_seen_classes``); it is per-sample, so the gradient cache
@@ -42,10 +42,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from vlp.engine import dist
-from vlp.models.heads import HEADS
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, StepContext, Tensors
 from vlp.objectives.contrastive import InfoNCE, InfoNCEConfig, _local_labels
 
@@ -170,37 +168,3 @@ class Coconut(Objective):
 @OBJECTIVES.register("coconut", CoconutConfig)
 def _coconut(cfg: CoconutConfig) -> Objective:
     return Coconut(cfg)
-
-
-# ---------------------------------------------------------------- the classifier head
-
-
-@dataclass
-class ClassifierHeadConfig:
-    num_classes: int = 10
-    modality: str = "image"  # which unit-norm features it reads
-
-
-class ClassifierHead(nn.Module):
-    """(b, D) unit-norm features -> ``class_logits`` (b, C): one linear layer."""
-
-    def __init__(self, cfg: ClassifierHeadConfig, embed_dim: int):
-        super().__init__()
-        if cfg.num_classes < 2:
-            raise ValueError(f"coconut_classifier num_classes must be >= 2, got {cfg.num_classes}")
-        if cfg.modality not in MODALITIES:
-            raise ValueError(
-                f"coconut_classifier modality must be one of {', '.join(MODALITIES)}, got {cfg.modality!r}"
-            )
-        self.modality = cfg.modality
-        self.fc = nn.Linear(embed_dim, cfg.num_classes)
-
-    def forward(self, out: Tensors, inputs: Dict) -> Tensors:
-        if self.modality not in out:  # e.g. a text-only forward (zero-shot prompts)
-            return {}
-        return {"class_logits": self.fc(out[self.modality])}  # (b, C)
-
-
-@HEADS.register("coconut_classifier", ClassifierHeadConfig)
-def _classifier_head(cfg: ClassifierHeadConfig, embed_dim: int) -> nn.Module:
-    return ClassifierHead(cfg, embed_dim)

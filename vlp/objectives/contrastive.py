@@ -23,7 +23,7 @@ from typing import Any, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, Tensors
 from vlp.objectives.tiled import rows_infonce, symmetric_infonce
 
@@ -58,7 +58,7 @@ def _rep_keys(pairs: Pairs) -> Tuple[str, ...]:
 @dataclass
 class InfoNCEConfig:
     modalities: List[Any] = field(default_factory=lambda: ["image", "text"])  # a pair, or a list of pairs
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # of the cross-entropy over the global batch
     tile_above: int = 4096  # global batch N above which the loss is tiled (no (b, N) logits)
     tile_size: int = 2048  # T: rows and columns of one logit tile; memory ~ 2·T² floats (32 MB fp32)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, Tensors
 from vlp.objectives.contrastive import _local_labels
 

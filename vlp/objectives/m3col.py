@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, StepContext, Tensors
 
 _SALT = 0x3C01  # this objective's generator stream
@@ -55,6 +55,7 @@ class M3CoLConfig:
     mixup_fraction: float = 0.33  # the mixup loss before this fraction of optim.steps, SoftCLIP after
     mix_both: bool = False  # the public code's behaviour: both sides mixed (see module docstring)
     detach_soft_targets: bool = False  # SoftCLIP targets without gradient (the public code keeps it)
+    # the model outputs whose cross-entropy with the label is added (the classifier heads' logits)
     heads: List[str] = field(default_factory=lambda: ["logits_image", "logits_text", "logits_fusion"])
 
 

@@ -17,10 +17,9 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, Tensors
 from vlp.objectives.contrastive import _local_labels
-
 
 _M64 = 2**64 - 1
 
@@ -42,7 +41,7 @@ class HardNegativeMixingConfig:
     hardest: int = 16  # K: the query's hardest negatives that get mixed (capped at N - 1)
     mixes: int = 16  # S: synthetic negatives α·n_a + (1-α)·n_b per query, α ~ U(0, 1)
     query_mixes: int = 8  # Q: synthetic negatives β·q + (1-β)·n_c per query, β ~ U(0, ½)
-    seed: int = 0
+    seed: int = 0  # salt of the mixing draws (shared by all ranks)
 
 
 class HardNegativeMixing(Objective):

@@ -31,7 +31,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, StepContext, Tensors
 from vlp.objectives.contrastive import InfoNCE, InfoNCEConfig
 

@@ -15,7 +15,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, Tensors
 from vlp.objectives.contrastive import _local_labels
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlp.engine import dist
+from vlp import dist
 from vlp.objectives.base import OBJECTIVES, Objective, Tensors
 from vlp.objectives.contrastive import InfoNCE, InfoNCEConfig, _local_labels
 

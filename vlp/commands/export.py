@@ -19,7 +19,7 @@
 ``fp32_from_zero`` (``vlp export --fp32-from-zero``) takes the weights from the fp32
 master copy in the DeepSpeed ZeRO 1-3 optimizer shards of the checkpoint, consolidated
 by DeepSpeed's ``zero_to_fp32``, instead of ``model.safetensors``, which holds the 16-bit
-weights after bf16/fp16 training. docs/ZERO.md has the details.
+weights after bf16/fp16 training. docs/export.md has the details.
 """
 from __future__ import annotations
 
@@ -29,12 +29,24 @@ import glob
 import json
 import os
 import sys
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
-from vlp.registry import Registry
+import timm
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from open_clip.timm_model import TimmModel
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+from timm.models.vision_transformer import _convert_openai_clip
+from transformers import PreTrainedModel
 
-# torch, safetensors and the model code are imported inside the exporters: the `vlp`
-# parser imports this module for `add_export_parser`, and `vlp --help` should stay fast.
+from vlp.config import save_config
+from vlp.engine.checkpoint import MODEL_FILE
+from vlp.engine.deepspeed_engine import quiet_deepspeed
+from vlp.models.factory import preprocess_cfg
+from vlp.registry import Registry
+from vlp.runs import find_weights, load_model_from_run
 
 # name -> exporter(run_or_file, out_dir, fp32_from_zero=False) -> out_dir
 EXPORT_FORMATS: Registry = Registry("export format")
@@ -45,7 +57,6 @@ TIMM_HEAD = "image_head.safetensors"  # beside a timm tower's trunk: open_clip's
 
 
 def _save_weights(model, path: str, drop_heads: bool = False) -> None:
-    from safetensors.torch import save_file
 
     # safetensors needs contiguous CPU tensors; open_clip loads strictly and has no `heads.*`
     # (training heads such as the MLCD centers), so its export leaves them out
@@ -58,9 +69,6 @@ def _save_weights(model, path: str, drop_heads: bool = False) -> None:
 
 def zero_fp32_state_dict(run_or_file: str):
     """The fp32 master weights of a ZeRO 1-3 checkpoint, consolidated by DeepSpeed."""
-    from vlp.engine.checkpoint import find_weights
-    from vlp.engine.deepspeed_engine import quiet_deepspeed
-
     weights, _ = find_weights(run_or_file)
     tag_dir = os.path.dirname(os.path.abspath(weights))
     if not glob.glob(os.path.join(tag_dir, "*_optim_states.pt")):
@@ -70,15 +78,11 @@ def zero_fp32_state_dict(run_or_file: str):
         )
     quiet_deepspeed()
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout is the output folder
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
 
 
 def _load(run_or_file: str, fp32_from_zero: bool):
     """(cfg, model, tokenizer, eval_transform) of the checkpoint; fp32 master weights if asked."""
-    from vlp.engine.checkpoint import load_model_from_run
-
     cfg, model, tokenizer, eval_tf = load_model_from_run(run_or_file)
     if fp32_from_zero:
         master = zero_fp32_state_dict(run_or_file)
@@ -96,8 +100,6 @@ def _load(run_or_file: str, fp32_from_zero: bool):
 @EXPORT_FORMATS.register("open_clip")
 def export_open_clip(run_or_file: str, out_dir: str, fp32_from_zero: bool = False) -> str:
     """An open_clip model folder for ``local-dir:OUT``; returns ``out_dir``."""
-    from vlp.models.factory import preprocess_cfg
-
     cfg, model, tokenizer, _ = _load(run_or_file, fp32_from_zero)
     if getattr(model, "audio", None) is not None or model.visual is None:  # open_clip has no audio tower
         raise ValueError("--format open_clip writes image-text models; this one has an audio tower: "
@@ -116,9 +118,6 @@ def export_open_clip(run_or_file: str, out_dir: str, fp32_from_zero: bool = Fals
 @EXPORT_FORMATS.register("safetensors")
 def export_safetensors(run_or_file: str, out_dir: str, fp32_from_zero: bool = False) -> str:
     """``model.safetensors`` + the resolved ``config.yaml``; returns ``out_dir``."""
-    from vlp.config import save_config
-    from vlp.engine.checkpoint import MODEL_FILE
-
     cfg, model, _, _ = _load(run_or_file, fp32_from_zero)
     os.makedirs(out_dir, exist_ok=True)
     _save_weights(model, os.path.join(out_dir, MODEL_FILE))
@@ -181,10 +180,6 @@ def _timm_vit_args(model_cfg: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
 
 def _timm_vit(model) -> Tuple[Any, Dict[str, Any]]:
     """(timm ViT holding our image tower's weights, the kwargs that rebuild it)."""
-    import timm
-    import torch
-    from timm.models.vision_transformer import _convert_openai_clip
-
     name, kwargs = _timm_vit_args(model.open_clip_cfg)
     vit = timm.create_model(name, pretrained=False, **kwargs)
     # timm's own converter for OpenAI/open_clip CLIP towers (used by its *.openai weights)
@@ -209,12 +204,6 @@ def _timm_data_config(pp: Dict[str, Any]) -> Dict[str, Any]:
 @EXPORT_FORMATS.register("timm")
 def export_timm(run_or_file: str, out_dir: str, fp32_from_zero: bool = False) -> str:
     """The image tower as a timm ``local-dir`` folder (+ ``image_head.safetensors`` for a timm tower)."""
-    from open_clip.timm_model import TimmModel
-    from safetensors.torch import save_file
-    from timm.models import save_for_hf
-
-    from vlp.models.factory import preprocess_cfg
-
     cfg, model, _, _ = _load(run_or_file, fp32_from_zero)
     if model.visual is None:
         raise ValueError("--format timm writes the image tower; this model has none (use --format safetensors)")
@@ -248,8 +237,6 @@ def _relabel_timm_config(path: str) -> None:
 
 def _transformers_model(tower) -> Optional[Any]:
     """The transformers model inside a tower: the tower itself or open_clip's HFTextEncoder.transformer."""
-    from transformers import PreTrainedModel
-
     for candidate in (tower, getattr(tower, "transformer", None), getattr(tower, "trunk", None)):  # trunk: hf audio
         if isinstance(candidate, PreTrainedModel):
             return candidate
@@ -261,7 +248,6 @@ def save_hf_towers(model, out_dir: str) -> Dict[str, str]:
 
     The tower's own parameters outside the transformers model (pooler, projection) go
     beside it as ``OUT/<tower>/head.safetensors`` under their names in the tower."""
-    from safetensors.torch import save_file
 
     towers = {"visual": model.visual, "text": model.text}
     if getattr(model, "audio", None) is not None:  # vlp.models.audio's hf tower: its trunk
@@ -287,7 +273,6 @@ def save_hf_towers(model, out_dir: str) -> Dict[str, str]:
         written[name] = folder
     skipped = [f"{name} ({type(towers[name]).__name__})" for name, hf in found.items() if hf is None]
     if skipped:
-        import warnings
 
         warnings.warn(f"--format hf: {', '.join(skipped)} is not a transformers model and was not written")
     return written

@@ -1,4 +1,4 @@
-"""Class-incremental training: vlp.train's Trainer, task after task, with experience replay.
+"""Class-incremental training (COCONUT): vlp.train's Trainer, task after task, with experience replay.
 
 Steps ``[t·S, (t+1)·S)`` (S = ``continual.steps_per_task``) learn task t. Each batch of
 B rows holds ``B - k`` rows of the current task's classes (the training stream,
@@ -23,7 +23,6 @@ from the finished tasks' data.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import warnings
@@ -32,29 +31,15 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlp import dist
 from vlp.config import Config
-from vlp.continual.buffer import ReplayBuffer, batch_rows, collate_rows
-from vlp.continual.config import buffer_capacity
-from vlp.engine import checkpoint, dist
+from vlp.data.continual import buffer_capacity
+from vlp.data.replay import ReplayBuffer, batch_rows, collate_rows
+from vlp.engine import checkpoint
 from vlp.engine.step import model_inputs
 from vlp.models import create_model
+from vlp.runs import task_weights, write_tasks
 from vlp.train import Trainer
-
-TASKS_DIR = "tasks"
-TASKS_FILE = "tasks.json"
-
-
-def task_weights(run_dir: str, task: int) -> str:
-    return os.path.join(run_dir, TASKS_DIR, f"task_{task:03d}", checkpoint.MODEL_FILE)
-
-
-def read_tasks(run_dir: str) -> Dict[str, Any]:
-    """``{"tasks": [[...], ...], "done": n, "steps_per_task": S}`` of a continual run."""
-    path = os.path.join(run_dir, TASKS_DIR, TASKS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {TASKS_DIR}/{TASKS_FILE} in {run_dir} (not a continual run, or no task finished)")
-    with open(path) as f:
-        return json.load(f)
 
 
 class ContinualTrainer(Trainer):
@@ -89,7 +74,7 @@ class ContinualTrainer(Trainer):
         """Finish every task before ``task`` not finished yet; the objective's classes."""
         while self.tasks_done < task:
             self._end_task(self.tasks_done)
-        if task < len(self.tasks) and hasattr(self.objective, "set_seen_classes"):
+        if task < len(self.tasks):
             self.objective.set_seen_classes(self.seen_classes(task))
 
     def _end_task(self, task: int) -> None:
@@ -111,12 +96,8 @@ class ContinualTrainer(Trainer):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_file({k: v.contiguous() for k, v in weights.items()}, f"{path}.tmp")
             os.replace(f"{path}.tmp", path)
-            meta = {"tasks": self.tasks, "done": task + 1, "steps_per_task": self.steps_per_task,
-                    "modality": self.modality}
-            tmp = os.path.join(self.run_dir, TASKS_DIR, f"{TASKS_FILE}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp, os.path.join(self.run_dir, TASKS_DIR, TASKS_FILE))
+            write_tasks(self.run_dir, {"tasks": self.tasks, "done": task + 1, "steps_per_task": self.steps_per_task,
+                                       "modality": self.modality})
         dist.barrier()
 
     def _frozen(self, weights: Dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -199,7 +180,7 @@ class ContinualTrainer(Trainer):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"cannot resume: the teacher's weights {path} are missing")
             self.teacher = self._frozen(load_file(path))
-        if self.tasks_done < len(self.tasks) and hasattr(self.objective, "set_seen_classes"):
+        if self.tasks_done < len(self.tasks):
             self.objective.set_seen_classes(self.seen_classes(self.task_at(self.state.step)))
 
     # --- the loop ---------------------------------------------------------------------

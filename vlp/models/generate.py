@@ -168,9 +168,15 @@ class KVDecoder:
 
 
 def _processors(cfg: GenerationConfig, special: SpecialIds, sampling: bool):
-    from transformers import (LogitsProcessorList, MinLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-                              SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        MinLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     procs = LogitsProcessorList([SuppressTokensLogitsProcessor(sorted({special.sot, special.pad}))])
     if cfg.min_length > 0:  # counts the start token: min_length new tokens before the end token

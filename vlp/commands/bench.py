@@ -32,17 +32,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List
 
+import open_clip
 import torch
+from open_clip.loss import ClipLoss
 
+from vlp import dist
 from vlp.engine.config import EngineConfig, GradCacheConfig
+from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
 from vlp.engine.optim import OptimConfig, build_optimizer
+from vlp.engine.step import Step
+from vlp.models import create_model
+from vlp.models.factory import ModelConfig, open_clip_model_cfg
+from vlp.objectives import build_objective
 
 
 def bench_model():
-    """The quickstart's tiny CLIP. Built on call: importing open_clip costs seconds, and
-    ``vlp --help`` imports this module."""
-    from vlp.models.factory import ModelConfig
-
+    """The quickstart's tiny CLIP."""
     return ModelConfig(
         embed_dim=64,
         image={"name": "open_clip", "image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
@@ -59,12 +64,6 @@ def _batch(batch_size: int, context_length: int, image_size: int) -> Dict[str, t
 
 
 def _vlp_step(batch, chunk_size: int = 0) -> Callable[[], None]:
-    from vlp.engine import dist
-    from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
-    from vlp.engine.step import Step
-    from vlp.models import create_model
-    from vlp.objectives import build_objective
-
     quiet_deepspeed()
     dist.init_distributed("gloo")
     torch.manual_seed(0)
@@ -76,11 +75,6 @@ def _vlp_step(batch, chunk_size: int = 0) -> Callable[[], None]:
 
 
 def _open_clip_step(batch) -> Callable[[], None]:
-    import open_clip
-    from open_clip.loss import ClipLoss
-
-    from vlp.models.factory import open_clip_model_cfg
-
     torch.manual_seed(0)
     cfg = open_clip_model_cfg(bench_model())
     cfg.pop("custom_text")
@@ -180,7 +174,7 @@ def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
 def _in_child(spec: Dict) -> Dict:
     """Run ``_child(spec)`` in a fresh interpreter (own high-water mark) and return its dict."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}  # a 1-process child
-    code = "import sys; from vlp.bench import _child_main; _child_main(sys.argv[1])"
+    code = "import sys; from vlp.commands.bench import _child_main; _child_main(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env={**env, **_CHILD_ENV},
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -235,11 +229,7 @@ def _unit_inputs(batch: int, dim: int, device: torch.device, seed: int = 0):
 
 def _loss_fn(impl: str, tile_size: int) -> Callable:
     if impl == "open_clip":
-        from open_clip.loss import ClipLoss
-
         return ClipLoss()
-    from vlp.objectives import build_objective
-
     ours = build_objective({"name": "infonce", "tile_above": 0, "tile_size": tile_size})  # always tiled
     return lambda x, y, s: ours.cross_sample({"image": x, "text": y}, {"logit_scale": s})["loss"]
 
@@ -266,7 +256,7 @@ def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: i
     diffs = [float((a - b).abs().max()) for a, b in zip(outs["vlp"], outs["open_clip"])]  # loss, dx, dy, ds
     scale_rel = diffs[3] / float(outs["open_clip"][3].abs().max())
     del outs
-    secs = _alternate({k: (lambda fn=fn: _fwd_bwd(fn, *inputs)) for k, fn in fns.items()}, repeats, dev)
+    secs = _alternate({k: (lambda fn=fn, inputs=inputs: _fwd_bwd(fn, *inputs)) for k, fn in fns.items()}, repeats, dev)
     del inputs
     spec = {"kind": "loss", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev)}
     peak = dict(zip(fns, (r["peak_mb"] for r in _in_children([{**spec, "impl": k} for k in fns]))))

@@ -11,6 +11,8 @@ import json
 from typing import Any, Dict
 
 from vlp.data.builtin import DATASETS
+from vlp.data.csv_import import from_csv
+from vlp.data.shards import verify
 
 
 def add_data_parser(subparsers) -> None:
@@ -46,8 +48,6 @@ def _builtin(args: argparse.Namespace) -> int:
 
 
 def _from_csv(args: argparse.Namespace) -> int:
-    from vlp.data.csv_import import from_csv
-
     counts = from_csv(
         args.csv, args.out, args.shard_size, args.image_col, args.caption_col, args.label_col, args.sep
     )
@@ -57,8 +57,6 @@ def _from_csv(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from vlp.data.shards import verify
-
     report = verify(args.spec, image_key=None, audio_key=args.audio_key) if args.audio_key else verify(args.spec)
     if args.json:
         print(json.dumps(report))

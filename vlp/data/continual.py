@@ -17,6 +17,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, List
 
+from vlp.data.shards import expand_spec
+
 POLICIES = ("class_balanced", "random")
 MODALITIES = ("image", "audio")
 
@@ -26,7 +28,7 @@ class ContinualConfig:
     tasks: List[List[int]] = field(default_factory=list)  # class ids per task; empty: not continual
     steps_per_task: int = 0  # 0: optim.steps // len(tasks); else optim.steps = len(tasks) * steps_per_task
     buffer_size: str = "200"  # samples ("200") or a percentage of data.train ("2%"); split over ranks
-    policy: str = "class_balanced"
+    policy: str = "class_balanced"  # replay memory: class_balanced (per-class reservoir) | random (reservoir)
     replay_fraction: float = 0.5  # of each batch, from the memory (tasks after the first)
     modality: str = "image"  # which features the teacher provides: image or audio
 
@@ -76,8 +78,6 @@ def parse_buffer_size(text: Any):
 
 def count_samples(spec: Any) -> int:
     """Samples in local shards (distinct keys of each tar; nothing is decoded)."""
-    from vlp.data.shards import expand_spec
-
     total = 0
     for url in expand_spec(spec):
         if url.startswith("pipe:") or "://" in url:

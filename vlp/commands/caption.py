@@ -1,8 +1,5 @@
-"""``vlp caption``: one caption per image from a CoCa checkpoint; the generation options
-shared with ``vlp eval caption``.
-
-torch and the model code are imported inside the commands: ``vlp --help`` stays fast.
-"""
+"""``vlp caption``: one caption per image from a CoCa checkpoint (``vlp eval caption`` scores
+captions on shards: ``vlp/eval/caption.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +8,18 @@ import os
 import sys
 import time
 
+import torch
+from PIL import Image
+
+from vlp.eval.common import image_dtype
+from vlp.models.generate import GenerationConfig, decode, generate, special_ids
+from vlp.runs import load_model_from_run
+
 CHECKPOINT_HELP = "RUN_DIR (its latest checkpoint), a checkpoint tag dir or a model.safetensors"
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """--strategy and the decoding knobs (vlp.generate.GenerationConfig)."""
+    """--strategy and the decoding knobs (vlp.models.generate.GenerationConfig)."""
     g = p.add_argument_group("generation")
     g.add_argument("--strategy", default="beam", choices=["beam", "greedy", "top_k", "top_p"],
                    help="decoding: beam search (default), greedy, top-k or top-p (nucleus) sampling")
@@ -32,8 +36,6 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def generation_config(args):
-    from vlp.generate import GenerationConfig
-
     return GenerationConfig(
         strategy=args.strategy, num_beams=args.beams, top_k=args.top_k, top_p=args.top_p,
         temperature=args.temperature, min_length=args.min_length, max_length=args.max_length,
@@ -56,12 +58,6 @@ def add_caption_parser(subparsers) -> argparse.ArgumentParser:
 def caption_images(model, tokenizer, transform, paths, gen, device="cpu", batch_size: int = 32,
                    use_cache: bool = True):
     """[(path, caption, token ids)] and the generation seconds, for image files ``paths``."""
-    import torch
-    from PIL import Image
-
-    from vlp.eval.zeroshot import image_dtype
-    from vlp.generate import decode, generate, special_ids
-
     special = special_ids(tokenizer, pad_id=getattr(model, "pad_id", 0))
     rows, seconds = [], 0.0
     for i in range(0, len(paths), batch_size):
@@ -75,10 +71,6 @@ def caption_images(model, tokenizer, transform, paths, gen, device="cpu", batch_
 
 
 def _caption(args) -> int:
-    import torch
-
-    from vlp.engine.checkpoint import load_model_from_run
-
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     missing = [p for p in args.images if not os.path.isfile(p)]
@@ -97,34 +89,4 @@ def _caption(args) -> int:
         print(json.dumps({"image": path, "caption": caption, "tokens": ids}) if args.json else f"{path}\t{caption}")
     print(f"[vlp] generated {len(rows)} captions in {seconds:.3f} s ({'no cache' if args.no_cache else 'KV cache'}, "
           f"{args.strategy})", file=sys.stderr)
-    return 0
-
-
-def add_eval_caption_parser(tasks, add_common, load) -> argparse.ArgumentParser:
-    """``vlp eval caption``; ``add_common``/``load``: vlp.eval.cli's shared options and loader."""
-    p = tasks.add_parser("caption", help="caption loss/perplexity and the fraction of generated captions "
-                                         "naming the image's class")
-    add_common(p)
-    p.add_argument("--classnames", help="one class name per line, in label order "
-                                        "(default: classnames.txt beside or above --data, if there)")
-    add_generation_args(p)
-    p.set_defaults(func=lambda args: _eval_caption(args, load))
-    return p
-
-
-def _eval_caption(args, load) -> int:
-    from vlp.eval.caption import run_caption_eval
-
-    cfg, model, tokenizer, eval_transform, data, device = load(args)
-    metrics = run_caption_eval(cfg, model, tokenizer, eval_transform, data, generation_config(args),
-                               classnames=args.classnames, device=device, progress=sys.stderr.isatty(),
-                               use_cache=not args.no_cache)
-    if args.json:
-        print(json.dumps(metrics))
-        return 0
-    keys = ("caption_loss", "perplexity", "names_class", "bleu")
-    shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
-    print(f"caption on {data}: {shown}  (n={metrics['num_samples']}, {metrics['seconds_per_token']*1e3:.2f} ms/token)")
-    for ex in metrics["examples"]:
-        print(f"  label {ex['label']}: {ex['caption']}")
     return 0

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 
-from vlp.continual.config import POLICIES
+from vlp.data.continual import POLICIES
 
 Row = Dict[str, Any]
 

@@ -6,6 +6,7 @@ SLURM_LOCALID, SLURM_NTASKS), OpenMPI (OMPI_COMM_WORLD_*). No launcher: one proc
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -96,12 +97,31 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+_local = 0  # > 0 inside ``local()``
+
+
 def world_size() -> int:
+    if _local:
+        return 1
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    if _local:
+        return 0
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def local():
+    """Inside, this module's collectives act on this process alone (world 1, rank 0): an
+    objective evaluated by one rank (the ``val_loss`` evaluator) gathers nothing from peers."""
+    global _local
+    _local += 1
+    try:
+        yield
+    finally:
+        _local -= 1
 
 
 # torch >= 2.14 names the single-tensor collectives *_single; older releases *_into_tensor / *_tensor

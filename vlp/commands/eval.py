@@ -1,0 +1,161 @@
+"""``vlp eval NAME``: one subcommand per registered evaluator, plus ``vlp eval continual``.
+
+The subcommands are generated from ``vlp.eval.EVALUATORS``: every field of an evaluator's
+settings dataclass becomes an option (``knn_k`` -> ``--knn-k``; a field's ``flags``
+metadata adds aliases, e.g. ``--C`` or ``--no-cache``), with the field's comment as help.
+Every subcommand also takes the model (``--checkpoint RUN_DIR`` or ``--config RECIPE``: the
+recipe's model at random init), ``--data`` (default: the run's data.val), ``--batch-size``,
+``--device`` and ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import Any, Dict
+
+import torch
+
+from vlp.eval import EVALUATORS, run_evaluator
+from vlp.eval.continual import METRICS, run_continual_eval
+from vlp.objectives import build_objective
+from vlp.registry import field_comments
+from vlp.runs import eval_context, load_model_from_recipe, load_model_from_run, read_tasks, task_weights
+
+CHECKPOINT_HELP = "RUN_DIR (its latest checkpoint), a checkpoint tag dir or a model.safetensors"
+COMMON = ("data",)  # settings fields served by the common options
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    names = [name.replace("_", "-") for name in EVALUATORS.list()]
+    parser = subparsers.add_parser("eval", help=f"evaluate a checkpoint: {', '.join(names)}, continual")
+    tasks = parser.add_subparsers(dest="eval_task", required=True, metavar="{" + ",".join(names + ["continual"]) + "}")
+    for name in EVALUATORS.list():
+        entry = EVALUATORS.get(name)
+        doc = (entry.builder.__doc__ or name).strip().splitlines()[0]
+        p = tasks.add_parser(name.replace("_", "-"), help=doc, description=doc)
+        _add_common(p)
+        _add_settings(p, entry.settings)
+        p.set_defaults(func=_evaluate, evaluator=name)
+    _add_continual_parser(tasks)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    src.add_argument("--config", help="a recipe YAML: its model at random init (run.seed)")
+    p.add_argument("--data", help="shard folder or brace pattern (default: the run's data.val)")
+    p.add_argument("--batch-size", type=int, help="eval batch size (default: the run's eval.batch_size)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a readable line")
+
+
+def _add_settings(p: argparse.ArgumentParser, settings: type) -> None:
+    """One option per settings field; ``dest`` is ``setting_<field>`` (collected by ``_settings``)."""
+    hints = typing.get_type_hints(settings)
+    helps = field_comments(settings)
+    for f in dataclasses.fields(settings):
+        if f.name in COMMON:
+            continue
+        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", ())]
+        kind = _scalar(hints[f.name])
+        dest, text = f"setting_{f.name}", helps.get(f.name) or f.name
+        if kind is bool:
+            action = "store_false" if f.default is True else "store_true"
+            p.add_argument(*flags[-1:] if f.default is True else flags, dest=dest, action=action, default=f.default,
+                           help=text)
+        else:
+            p.add_argument(*flags, dest=dest, type=kind, default=f.default,
+                           help=f"{text} (default: {f.default})" if f.default is not None else text)
+
+
+def _scalar(hint) -> type:
+    """The argparse type of a field: the non-None member of Optional[X]; str for Any."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    hint = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    return hint if hint in (int, float, bool) else str
+
+
+def _settings(args) -> Dict[str, Any]:
+    spec = {"name": args.evaluator}
+    spec.update({k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_")})
+    return spec
+
+
+def _device(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(args):
+    """(cfg, model, tokenizer, eval_transform) of --checkpoint or --config."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.checkpoint is not None:
+        if not os.path.exists(args.checkpoint):
+            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+        loaded = load_model_from_run(args.checkpoint, device=_device(args))
+    else:
+        loaded = load_model_from_recipe(args.config, device=_device(args))
+    if args.batch_size is not None:
+        loaded[0].eval.batch_size = args.batch_size
+    return loaded
+
+
+def _evaluate(args) -> int:
+    cfg, model, tokenizer, transform = _load(args)
+    ctx = eval_context(cfg, model, tokenizer, transform, _device(args), data=args.data,
+                       progress=sys.stderr.isatty())
+    if args.evaluator == "val_loss":
+        ctx.objective = build_objective(cfg.objective)
+    metrics = run_evaluator(_settings(args), ctx)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    where = getattr(args, "setting_val", None) or args.data or cfg.data.val
+    print(f"{args.eval_task} on {where}: {shown}  (n={metrics.get('num_samples', metrics.get('num_val'))})")
+    for example in metrics.get("examples", []):
+        print(f"  label {example['label']}: {example['caption']}")
+    return 0
+
+
+# ---- vlp eval continual: a run folder of task snapshots, not one model ------------------------------
+
+
+def _add_continual_parser(tasks) -> None:
+    ct = tasks.add_parser("continual", help="class-incremental accuracy and forgetting of a continual run's tasks")
+    ct.add_argument("--checkpoint", required=True, help="RUN_DIR of a continual run (its tasks/ snapshots)")
+    ct.add_argument("--data", help="shard folder or brace pattern (default: the run's data.val)")
+    ct.add_argument("--classnames", help="one class name per line (default: classnames.txt beside or above --data)")
+    ct.add_argument("--templates", help="zero-shot prompts with {c} (default: the file beside or above --data)")
+    ct.add_argument("--batch-size", type=int, help="eval batch size (default: the run's eval.batch_size)")
+    ct.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    ct.add_argument("--json", action="store_true", help="print one JSON object instead of readable lines")
+    ct.set_defaults(func=_continual)
+
+
+def _continual(args) -> int:
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"run folder not found: {args.checkpoint}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = _device(args)
+    meta = read_tasks(args.checkpoint)
+    load = lambda t: load_model_from_run(task_weights(args.checkpoint, t), device=device)  # noqa: E731
+    metrics = run_continual_eval(meta, load, args.data, args.classnames, args.templates, args.batch_size,
+                                 device=device, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"continual on {args.data or 'data.val'}: {metrics['tasks_done']} of {len(metrics['tasks'])} tasks "
+          f"(n={metrics['num_samples']})")
+    for name in (m for m in METRICS if m in metrics):
+        m = metrics[name]
+        per_task = " ".join(f"{a:.3f}" for a in m["accuracy"])
+        print(f"  {name}: average_accuracy {m['average_accuracy']:.4f}  final_accuracy {m['final_accuracy']:.4f}  "
+              f"average_forgetting {m['average_forgetting']:.4f}  (accuracy after each task: {per_task})")
+    return 0
