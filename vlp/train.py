@@ -1,18 +1,16 @@
 """The training loop, as named steps: setup, build, resume, then step / log / eval / save."""
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, Optional
 
-import deepspeed
 import torch
 from tqdm import tqdm
 
-from vlp import dist
+from vlp import dist, rng
 from vlp.config import Config, save_config
 from vlp.data.stream import build_loader
 from vlp.engine import checkpoint
@@ -140,22 +138,31 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data.val or not cfg.eval.tasks:
             return {}
-        model = self.engine.module
+        model = self._eval_model()  # every rank takes part (ZeRO-3 gathers the weights)
         results: Dict[str, float] = {}
-        model.eval()
-        with self._gathered_params(), torch.no_grad():
-            if self.info.is_main:
+        if self.info.is_main:
+            with torch.no_grad():
                 ctx = eval_context(cfg, model, self.tokenizer, self.eval_transform, self.device,
                                    objective=self.objective)
                 results = run_tasks(cfg.eval.tasks, ctx)
-            dist.barrier()
-        model.train()
+        dist.barrier()
         return dist.broadcast_object(results)
 
-    def _gathered_params(self):
-        if self.engine.zero_optimization_stage() == 3:
-            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
-        return contextlib.nullcontext()
+    def _eval_model(self) -> Optional[torch.nn.Module]:
+        """The model rank 0 evaluates. Below ZeRO-3 the engine's module (evaluators switch it to
+        eval mode and back). At ZeRO-3 its parameters are partitioned and every forward through
+        it is a collective, which rank 0 cannot run alone: the full weights are gathered on every
+        rank, and rank 0 evaluates a plain copy (None on the other ranks)."""
+        if self.engine.zero_optimization_stage() < 3:
+            return self.engine.module
+        weights = checkpoint.full_state_dict(self.engine)  # a collective: every rank
+        if not self.info.is_main:
+            return None
+        saved = rng.state()  # building the copy draws init weights: keep the training RNG stream
+        model = create_model(self.cfg.model, load_weights=False)
+        rng.set_state(saved)
+        model.load_state_dict(weights, strict=True)
+        return model.to(self.device)
 
     # --- the loop -------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
