@@ -8,6 +8,7 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from typing import List, Optional
@@ -33,7 +34,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, builder, text) in COMMANDS.items():
         if command is None or name == command:
-            getattr(importlib.import_module(module), builder)(sub)
+            with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time notices; stdout is the result
+                loaded = importlib.import_module(module)
+            getattr(loaded, builder)(sub)
         else:
             sub.add_parser(name, help=text)
     return parser

@@ -34,7 +34,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from open_clip.timm_model import TimmModel
 from safetensors.torch import save_file
 from timm.models import save_for_hf
@@ -78,6 +77,8 @@ def zero_fp32_state_dict(run_or_file: str):
         )
     quiet_deepspeed()
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout is the output folder
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # after quiet_deepspeed
+
         return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
 
 
