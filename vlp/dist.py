@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -198,3 +199,18 @@ def shutdown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals (deepspeed.utils.groups); after the group
+    is destroyed they are dead handles, and the next engine built in this process (a second run
+    in one Python session, or tests) would use them. Drop them so DeepSpeed makes new ones."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(groups, name, None)
+        elif isinstance(value, dict) and value and all(isinstance(v, dist.ProcessGroup) for v in value.values()):
+            setattr(groups, name, {})

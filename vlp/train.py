@@ -105,10 +105,21 @@ class Trainer:
             return
         client = checkpoint.load(self.engine, self.run_dir)
         if client is not None:
+            self._follow_schedule()
             self.state = TrainState(**client["train_state"])
             self.load_client_state(client)
             if self.info.is_main:
                 print(f"[vlp] resumed from step {self.state.step} (epoch {self.state.epoch})", flush=True)
+
+    def _follow_schedule(self) -> None:
+        """The restored optimizer holds the lr the saving run's schedule gave; a run resumed with other
+        optim settings (more steps, another lr) continues on its own schedule from the first step."""
+        sched = self.scheduler
+        groups = sched.optimizer.param_groups
+        sched.base_lrs = [self.cfg.optim.lr] * len(groups)  # every group has optim.lr (vlp/engine/optim.py)
+        for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in groups]
 
     def save(self) -> None:
         checkpoint.save(

@@ -86,7 +86,7 @@ class Timm:
     pretrained: bool = False  # timm's pretrained weights (needs them cached)
     image_size: int = 224  # input side in pixels
     pool: str = "avg"  # 'avg', 'abs_attn', 'rot_attn', '' (timm's own head pooling)
-    proj: str = "linear"  # 'linear', 'mlp', 'none'
+    proj: str = "linear"  # 'linear', 'mlp', or '' (timm's own head; 'none' is refused: no projection)
     proj_bias: bool = False  # bias in the projection
     drop: float = 0.0  # dropout before the projection
     drop_path: Optional[float] = None  # stochastic depth rate; null: timm's default
@@ -109,7 +109,14 @@ class Timm:
 
 @IMAGE_TOWERS.register("timm", Timm)
 def _timm(s: Timm, embed_dim: int, quick_gelu: bool = False) -> nn.Module:
-    return vision_tower(s.open_clip_cfg(), embed_dim, quick_gelu)
+    if s.proj == "none":  # open_clip then returns the trunk's own width, not embed_dim
+        raise ValueError("model.image.proj: none leaves the timm trunk's feature width instead of embed_dim; "
+                         "use linear, mlp, or '' (timm's own head as the projection)")
+    tower = vision_tower(s.open_clip_cfg(), embed_dim, quick_gelu)
+    # open_clip's TimmModel does not pass on timm's no-decay parameters (pos_embed, cls_token, ...)
+    trunk_names = tower.trunk.no_weight_decay() if hasattr(tower.trunk, "no_weight_decay") else set()
+    tower.no_weight_decay = lambda: {f"trunk.{name}" for name in trunk_names}
+    return tower
 
 
 @dataclass
