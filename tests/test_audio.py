@@ -14,6 +14,7 @@ import open_clip
 import pytest
 import torch
 
+from tests.test_eval import assert_within, count_recall, count_zeroshot
 from tests.test_gradcache import _assert_close, _full_graph_grads, _grads_after_step
 from tests.tiny import child_env, tiny_model_cfg
 from vlp.data.audio import AudioConfig, AudioTransform, crop_or_pad, log_mel, resample, spec_augment
@@ -420,9 +421,32 @@ def test_export_of_an_audio_model(tmp_path):
     (run / "checkpoints" / "latest").write_text("step_00000001")
     export(str(run), "safetensors", str(tmp_path / "st"))
     assert load_file(str(tmp_path / "st" / "model.safetensors")).keys() == model.state_dict().keys()
-    export(str(run), "hf", str(tmp_path / "hf"))
+    with pytest.warns(UserWarning, match="text .* not a transformers model"):
+        export(str(run), "hf", str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path / "hf")) == ["audio"]
+    # the exported trunk (transformers) + head.safetensors (the projection) compute the model's encode_audio
+    from transformers import AutoModel
+
+    from vlp.runs import load_model_from_run
+
     hf_audio = tmp_path / "hf" / "audio"
-    assert (hf_audio / "config.json").is_file() and (hf_audio / "head.safetensors").is_file()
+    trunk = AutoModel.from_pretrained(str(hf_audio)).eval()
+    assert type(trunk).__name__ == "ASTModel"
+    head = load_file(str(hf_audio / "head.safetensors"))
+    assert head.keys() == {"proj.weight"}  # proj_bias is off
+    rng = np.random.default_rng(0)
+    to_mel = AudioTransform(cfg.data.audio, train=False)
+    mels = torch.stack([to_mel(audio_bytes(dtmf_tone(d, rng)[0], 8000)) for d in (1, 5, 9)])  # (3, 1, 32, 21)
+    assert mels.shape == (3, 1, 32, 21) and mels.std() > 0.1
+    _, ours, _, _ = load_model_from_run(str(run))
+    with torch.no_grad():
+        want = ours.encode_audio(mels)  # (3, 16)
+        pooled = trunk(input_values=mels[:, 0].transpose(1, 2)).pooler_output  # AST reads (B, T, M)
+        got = pooled @ head["proj.weight"].T
+        unit = ours.encode_audio(mels, normalize=True)
+    torch.testing.assert_close(got, want)  # float32 tolerances: the same float32 computation
+    torch.testing.assert_close(torch.nn.functional.normalize(got, dim=-1), unit)
+    assert float((want[0] - want[1]).norm()) > 1e-3  # the inputs give different features
     for fmt in ("open_clip", "timm"):
         with pytest.raises(ValueError, match="safetensors"):
             export(str(run), fmt, str(tmp_path / fmt))
@@ -447,7 +471,27 @@ def test_zeroshot_and_retrieval_classify_audio(tmp_path):
         zeroshot_modality(model, "image")
     classifier = zeroshot_classifier(model, tok, ["zero", "one", "two", "three"], ["tone {c}"])
     zs = evaluate_zeroshot(model, build_eval_loader(tmp_path, data, None, tok), classifier, modality="audio")
-    assert zs["num_samples"] == 8 and 0.0 <= zs["top1"] <= 1.0
     rt = evaluate_retrieval(model, build_eval_loader(tmp_path, data, None, tok), modality="audio")
-    assert rt["num_samples"] == 8 and {"audio_to_text_R@1", "text_to_audio_R@10"} <= set(rt)
+    assert zs["num_samples"] == rt["num_samples"] == 8 and {"audio_to_text_R@1", "text_to_audio_R@10"} <= set(rt)
+    # both against a sample-by-sample count on the model's features of the decodable clips, in the same batches
+    model.eval()  # as the evaluators run it (the ViT's drop-path is on in train mode)
+    audio, text, labels, keys = [], [], [], []
+    with torch.no_grad():
+        for batch in build_eval_loader(tmp_path, data, None, tok):
+            audio.append(model.encode_audio(batch["audio"], normalize=True))
+            text.append(model.encode_text(batch["text"], normalize=True))
+            labels += batch["label"].tolist()
+            keys += batch["key"]
+    audio, text = torch.cat(audio), torch.cat(text)
+    assert keys == ["f0", "f1", "f2", "f3", "w0", "w1", "w2", "w3"] and labels == [0, 1, 2, 3] * 2
+    bounds, n, uncertain = count_zeroshot(audio, classifier, labels)
+    assert n == 8 and uncertain == 0
+    for name, b in bounds.items():
+        assert_within(zs[name], b, name)
+    assert zs["top5"] == 1.0  # top-min(5, 4): every class
+    for way, (q, k) in {"audio_to_text": (audio, text), "text_to_audio": (text, audio)}.items():
+        recalls, uncertain = count_recall(q, k)
+        assert uncertain == 0
+        for at, b in recalls.items():
+            assert_within(rt[f"{way}_R@{at}"], b, f"{way}_R@{at}")
     assert rt["audio_to_text_R@10"] == 1.0  # 8 candidates: every positive is within the top 10

@@ -3,6 +3,7 @@
 recompute, beam search exact on a tiny search space) and export to open_clip."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -282,6 +283,64 @@ def test_generation_options():
         generate(model, image, SPECIAL, GenerationConfig(strategy="top_p", top_p=0.0))
 
 
+def test_top_k_one_and_top_p_near_zero_are_greedy():
+    """Sampling from the top 1 token, or from the smallest set of mass >= 1e-9 (the top token),
+    is greedy decoding, token for token, whatever the seed. Sampling without the cut (k = V)
+    draws other tokens from the tiny model's flat distributions, so the equalities can fail."""
+    model = _model(seed=4).eval()
+    image = _double(coca_batch(4, seed=11))["image"]
+    for penalty in (1.0, 1.3):  # with the repetition penalty too: the processors run before the cut
+        greedy = generate(model, image, SPECIAL, GenerationConfig(strategy="greedy", repetition_penalty=penalty))
+        assert greedy.shape[1] > 2  # at least two tokens decoded per caption
+        for seed in (0, 1):
+            for cut in ({"strategy": "top_k", "top_k": 1}, {"strategy": "top_p", "top_p": 1e-9}):
+                gen = GenerationConfig(seed=seed, repetition_penalty=penalty, **cut)
+                assert torch.equal(generate(model, image, SPECIAL, gen), greedy), (penalty, seed, cut)
+                assert torch.equal(generate(model, image, SPECIAL, gen, use_cache=False), greedy), (penalty, seed, cut)
+        uncut = generate(model, image, SPECIAL, GenerationConfig(strategy="top_k", top_k=VOCAB, seed=0,
+                                                                 repetition_penalty=penalty))
+        width = max(uncut.shape[1], greedy.shape[1])
+        pad = lambda x: F.pad(x, (0, width - x.shape[1]), value=SPECIAL.pad)  # noqa: E731
+        assert not torch.equal(pad(uncut), pad(greedy))
+
+
+class _IdTokenizer:
+    """Captions as their token ids: all ``evaluate_captions`` needs of a tokenizer."""
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_evaluate_captions_loss_is_the_token_mean_cross_entropy():
+    """caption_loss = Σ CE over the non-pad target tokens of every batch / their count (not a mean of
+    batch means: the batches hold different numbers of tokens), from the decoder logits and the
+    shifted text tokens; perplexity = exp(caption_loss)."""
+    from vlp.eval.caption import evaluate_captions
+
+    model = _model(dtype=torch.float32, seed=5).eval()
+    batches = [coca_batch(n, seed=20 + n) for n in (3, 5, 2)]
+    counts = [int((b["text"][:, 1:] != SPECIAL.pad).sum()) for b in batches]
+    means = []
+    ce_sum = 0.0
+    with torch.no_grad():
+        for b in batches:
+            _, tokens = model._encode_image(b["image"])
+            logits = model.caption_logits(tokens, b["text"][:, :-1]).double()  # (B, L-1, V): position t -> t+1
+            targets = b["text"][:, 1:]
+            keep = targets != SPECIAL.pad  # the end token counts, pad does not
+            ce = -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0][keep]
+            ce_sum += float(ce.sum())
+            means.append(float(ce.mean()))
+    expected = ce_sum / sum(counts)
+    assert len(set(counts)) == 3 and abs(sum(means) / 3 - expected) > 1e-3 * expected  # the two means differ
+    m = evaluate_captions(model, batches, _IdTokenizer(), SPECIAL, GenerationConfig(strategy="greedy"))
+    assert m["num_samples"] == 10 and m["num_tokens"] == sum(counts)
+    # float32 logits in the evaluator, float64 here: a few float32 ulps per term of a sum of < 64 terms
+    assert m["caption_loss"] == pytest.approx(expected, rel=1e-5)
+    assert math.isclose(m["perplexity"], math.exp(m["caption_loss"]), rel_tol=1e-12)
+    assert model.training is False
+
+
 def test_caption_cli_errors(tmp_path, capsys):
     from vlp.cli import main
 
@@ -388,6 +447,26 @@ def vlp(*args):
     return proc.stdout
 
 
+def _caption_ce_by_hand(run: str, data: str):
+    """(Σ CE, count) over the non-pad next tokens of ``data``, float64, from the run's decoder
+    logits at positions 0..L-2 and the text shifted by one."""
+    from vlp.data.stream import build_eval_loader
+    from vlp.runs import load_model_from_run
+
+    cfg, model, tokenizer, eval_tf = load_model_from_run(run)
+    pad = 0  # open_clip's CLIP BPE tokenizer pads with 0
+    ce_sum, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in build_eval_loader(data, cfg.data, eval_tf, tokenizer, batch_size=128):
+            _, tokens = model._encode_image(batch["image"])
+            logits = model.caption_logits(tokens, batch["text"][:, :-1]).double()  # (B, L-1, V)
+            targets = batch["text"][:, 1:]
+            keep = targets != pad
+            ce_sum += float(-logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0][keep].sum())
+            n_tokens += int(keep.sum())
+    return ce_sum, n_tokens
+
+
 @pytest.mark.slow
 def test_train_caption_eval_export(tmp_path):
     """digits -> a few CoCa steps (ZeRO-2, gradient cache) -> vlp caption, vlp eval caption ->
@@ -411,7 +490,13 @@ def test_train_caption_eval_export(tmp_path):
     metrics = json.loads(vlp("eval", "caption", "--checkpoint", str(run), "--data", f"{data}/val", "--json",
                              "--strategy", "greedy").strip().splitlines()[-1])
     assert metrics["num_samples"] == 360 and 0 <= metrics["names_class"] <= 1
-    assert abs(metrics["perplexity"] - torch.tensor(metrics["caption_loss"]).exp().item()) < 1e-6
+    # perplexity is math.exp of the float64 loss; JSON keeps both exactly
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["caption_loss"]), rel_tol=1e-12)
+    # the caption loss by hand on the same data: Σ CE over the non-pad next tokens / their count
+    ce_sum, n_tokens = _caption_ce_by_hand(str(run), f"{data}/val")
+    assert metrics["num_tokens"] == n_tokens
+    # float32 logits in the evaluator, float64 sums here: float32 rounding of each term
+    assert metrics["caption_loss"] == pytest.approx(ce_sum / n_tokens, rel=1e-5)
     out = vlp("export", "--checkpoint", str(run), "--out", str(tmp_path / "oc"), "--fp32-from-zero").strip()
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")

@@ -125,24 +125,37 @@ def test_coconut_gradient_cache_equals_plain_step():
 
 
 def test_coconut_terms_and_weights():
-    """loss = w_c·InfoNCE + w_n·NSPT + w_s·CE(seen classes); NSPT 0 without rehearsal fields."""
-    model, objective, batch = _coconut_setup()
-    infonce = build_objective({"name": "infonce"})
+    """loss = w_c·InfoNCE + w_n·NSPT + w_s·CE(seen classes) with distinct weights, each term
+    written out here (float64); NSPT 0 without rehearsal fields."""
+    model, _, batch = _coconut_setup()
+    w_c, w_n, w_s = 0.3, 2.0, 0.7
+    objective = build_objective({"name": "coconut", "nspt_weight": w_n, "contrastive_weight": w_c,
+                                 "supervised_weight": w_s, "temperature": 0.2})
+    objective.set_seen_classes([0, 1, 2])
     with torch.no_grad():
         out = model({"image": batch["image"], "text": batch["text"]})
         step = Step(PlainEngine(model), objective, torch.device("cpu"))
         objective.begin_step(StepContext(batch=batch))
         losses = step._loss(out, batch, 16)
-        clip = infonce.cross_sample({"image": out["image"], "text": out["text"]}, {"logit_scale": out["logit_scale"]})
-        nspt = nspt_loss(out["image"], batch["teacher"], batch["label"], batch["rehearsal"], 0.2)
-        logits = out["class_logits"].clone()
-        logits[:, 3] = float("-inf")
-        ce = F.cross_entropy(logits, batch["label"])
-    assert abs(float(losses["loss"]) - float(clip["loss"] + nspt + ce)) <= 1e-12
+        # InfoNCE: symmetric cross-entropy of s·x·yᵀ, positives on the diagonal
+        logits = out["logit_scale"] * out["image"] @ out["text"].T  # (16, 16)
+        log_i2t, log_t2i = logits.log_softmax(1), logits.T.log_softmax(1)
+        clip = -(log_i2t.diagonal().mean() + log_t2i.diagonal().mean()) / 2
+        nspt = nspt_reference(out["image"], batch["teacher"], batch["label"].tolist(), batch["rehearsal"].tolist(),
+                              0.2)
+        # CE over the seen classes 0..2 only: the softmax runs over those columns
+        seen = out["class_logits"][:, :3].log_softmax(1)
+        ce = -seen[torch.arange(16), batch["label"]].mean()
+    assert float(nspt) > 0.1 and float(ce) > 0.1 and float(clip) > 0.1  # every term counts
+    want = w_c * clip + w_n * nspt + w_s * ce
+    assert abs(float(losses["loss"]) - float(want)) <= 1e-12 * float(want)
+    for key, value in (("contrastive", clip), ("nspt", nspt), ("supervised", w_s * ce)):
+        assert abs(float(losses[key]) - float(value)) <= 1e-12 * float(value), key
     objective.begin_step(StepContext(batch={k: v for k, v in batch.items() if k not in ("rehearsal", "teacher")}))
     with torch.no_grad():
         plain = step._loss(out, batch, 16)
-    assert float(plain["nspt"]) == 0.0 and abs(float(plain["loss"] - clip["loss"] - ce)) <= 1e-12
+    assert float(plain["nspt"]) == 0.0
+    assert abs(float(plain["loss"]) - float(w_c * clip + w_s * ce)) <= 1e-12 * float(want)
 
 
 # ---------------------------------------------------------------- 2 gloo ranks

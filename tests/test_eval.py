@@ -1,6 +1,9 @@
 """Zero-shot and retrieval metrics: exact values on controlled embeddings, then real digits shards and the CLI."""
 import json
+import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ from torch import nn
 
 from tests.helpers import make_tiny_run
 from vlp.cli import main
+from vlp.data.stream import build_eval_loader
 from vlp.eval.retrieval import RetrievalSettings, evaluate_retrieval, positive_ranks, run_retrieval
 from vlp.eval.zeroshot import (
     ZeroshotSettings,
@@ -190,6 +194,88 @@ def test_positive_ranks_blocking_matches_single_block():
     assert torch.equal(positive_ranks(q, k, block=5), positive_ranks(q, k, block=1024))
 
 
+# --- brute-force counts on real features -------------------------------------------
+
+
+def dot_rounding(dim: int) -> float:
+    """Bound on |fl32(x . y) - x . y| for unit x, y with ``dim`` entries: gamma_D = D u / (1 - D u), u = 2^-24."""
+    u = 2.0**-24
+    return dim * u / (1 - dim * u)
+
+
+def count_zeroshot(features, classifier, labels):
+    """({name: (low, high)}, samples counted, samples uncertain): bounds of top1, top5 (top-min(5, C)) and
+    mean_per_class_recall, counted sample by sample on float64 scores of the (N, D) unit features against
+    the (D, C) classifier; labels < 0 are skipped.
+
+    The evaluator ranks fp32 logits, each within gamma_D of the exact score: a class within twice that
+    of the true class may rank either side of it, so that sample counts in the high bound only."""
+    feats, weights = features.double().numpy(), classifier.double().numpy()
+    num_classes, tie = weights.shape[1], 2 * dot_rounding(weights.shape[0])
+    k = min(5, num_classes)
+    hits = {"top1": [0, 0], "top5": [0, 0]}
+    per_class = {}  # label -> [samples, surely right, possibly right]
+    uncertain = 0
+    for f, y in zip(feats, labels):
+        if y < 0:
+            continue
+        scores = [float(f @ weights[:, c]) for c in range(num_classes)]
+        above = sum(1 for c in range(num_classes) if c != y and scores[c] - scores[y] > tie)
+        near = sum(1 for c in range(num_classes) if c != y and abs(scores[c] - scores[y]) <= tie)
+        for name, top in (("top1", 1), ("top5", k)):
+            hits[name][0] += above + near < top  # in the top whichever way the near ones round
+            hits[name][1] += above < top
+        uncertain += above < k <= above + near or above < 1 <= above + near
+        row = per_class.setdefault(y, [0, 0, 0])
+        row[0] += 1
+        row[1] += above + near < 1
+        row[2] += above < 1
+    n = sum(row[0] for row in per_class.values())
+    bounds = {name: (lo / n, hi / n) for name, (lo, hi) in hits.items()}
+    bounds["mean_per_class_recall"] = tuple(sum(row[i] / row[0] for row in per_class.values()) / len(per_class)
+                                            for i in (1, 2))
+    return bounds, n, uncertain
+
+
+def count_recall(queries, keys, ks=(1, 5, 10)):
+    """({k: (low, high)}, queries uncertain at some k): bounds of recall@k of query i finding key i among the
+    (N, D) unit keys, counted query by query on float64 scores: its rank is the number of keys scoring
+    strictly higher. A key bit-identical to key i scores exactly as key i does (a tie, the positive's); one
+    within 2 gamma_D of it may land either side in fp32, so that query counts in the high bound only."""
+    q, kk = queries.double().numpy(), keys.double().numpy()
+    tie = 2 * dot_rounding(q.shape[1])
+    group = {}
+    same_as = np.array([group.setdefault(row.tobytes(), len(group)) for row in keys.numpy()])  # identical keys
+    n = len(q)
+    counts = {k: [0, 0] for k in ks}
+    uncertain = 0
+    for i in range(n):
+        d = kk @ q[i] - float(kk[i] @ q[i])  # (N,) score minus the positive's
+        others = same_as != same_as[i]
+        above, near = int(((d > tie) & others).sum()), int(((np.abs(d) <= tie) & others).sum())
+        for k in ks:
+            counts[k][0] += above + near < k
+            counts[k][1] += above < k
+        uncertain += any(above < k <= above + near for k in ks)
+    return {k: (lo / n, hi / n) for k, (lo, hi) in counts.items()}, uncertain
+
+
+def assert_within(value, bounds, what):
+    lo, hi = bounds
+    assert lo - 1e-12 <= value <= hi + 1e-12, f"{what}: {value} not in the brute-force count [{lo}, {hi}]"
+
+
+def shard_samples(folder):
+    """key -> {ext: bytes} of every sample in the folder's tar shards, read with tarfile."""
+    samples = {}
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
 # --- real shards, tiny random model, CLI ----------------------------------------------
 
 
@@ -204,24 +290,70 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, digits):
+    """The tiny random model, with the mean direction of its val image embeddings taken out of its image
+    projection: at random init every image embeds nearly alike and one class wins zero-shot for all of
+    them, which would leave a count of hits blind to which label goes with which sample."""
+    from safetensors.torch import save_file
+
+    from tests.helpers import TAG
+    from vlp.runs import load_model_from_run
+
     root, _ = digits
-    return make_tiny_run(tmp_path_factory.mktemp("run"), [f"data.val={root / 'val'}", "eval.batch_size=128"])
+    run = make_tiny_run(tmp_path_factory.mktemp("run"), [f"data.val={root / 'val'}", "eval.batch_size=128"])
+    cfg, model, tokenizer, eval_tf = load_model_from_run(run)
+    with torch.no_grad():
+        emb = torch.cat([model.encode_image(b["image"]) for b in build_eval_loader(root / "val", cfg.data, eval_tf,
+                                                                                   tokenizer, batch_size=128)])
+    mean = F.normalize(emb.mean(dim=0), dim=0)  # (D,)
+    state = model.state_dict()
+    state["visual.proj"] = state["visual.proj"] - torch.outer(state["visual.proj"] @ mean, mean)  # (width, D)
+    save_file({k: v.contiguous() for k, v in state.items()}, f"{run}/checkpoints/{TAG}/model.safetensors")
+    return run
 
 
 def test_zeroshot_and_retrieval_on_digits_shards(digits, digits_run):
+    """Both evaluators equal a sample-by-sample count on the model's own features of every val sample."""
     from vlp.runs import eval_context, load_model_from_run
 
     root, n_val = digits
     cfg, model, tokenizer, eval_tf = load_model_from_run(digits_run)
     ctx = eval_context(cfg, model, tokenizer, eval_tf)
     zs = run_zeroshot(ZeroshotSettings(), ctx)  # data, class names and templates from the run/data
-    assert zs["num_samples"] == n_val
-    assert 0.0 <= zs["top1"] <= zs["top5"] <= 1.0
-    assert 0.0 <= zs["mean_per_class_recall"] <= 1.0
     rt = run_retrieval(RetrievalSettings(data=str(root / "val")), ctx)
-    assert rt["num_samples"] == n_val
-    for way in ("image_to_text", "text_to_image"):
-        assert 0.0 <= rt[f"{way}_R@1"] <= rt[f"{way}_R@5"] <= rt[f"{way}_R@10"] <= 1.0
+    assert zs["num_samples"] == rt["num_samples"] == n_val
+    # every sample's features, in the evaluators' batches (so the very fp32 features they score)
+    shards = shard_samples(root / "val")
+    keys, images, texts, labels = [], [], [], []
+    with torch.no_grad():
+        for batch in build_eval_loader(ctx.data, ctx.data_cfg, ctx.transform, tokenizer, batch_size=ctx.batch_size):
+            for key, label, tokens in zip(batch["key"], batch["label"].tolist(), batch["text"]):
+                caption = shards[key]["txt"].decode()
+                assert label == int(shards[key]["cls"]) and torch.equal(tokens, tokenizer([caption])[0])
+            keys += batch["key"]
+            labels += batch["label"].tolist()
+            images.append(model.encode_image(batch["image"], normalize=True))
+            texts.append(model.encode_text(batch["text"], normalize=True))
+    images, texts = torch.cat(images), torch.cat(texts)
+    assert sorted(keys) == sorted(shards) and len(keys) == n_val
+    # the class embeddings run_zeroshot builds: each class's unit template embeddings averaged, unit norm
+    names = (root / "classnames.txt").read_text().split()
+    templates = (root / "zeroshot_classification_templates.txt").read_text().splitlines()
+    classifier = zeroshot_classifier(model, tokenizer, names, templates)  # (D, C)
+    with torch.no_grad():
+        prompts = tokenizer([t.format(c=name) for name in names for t in templates])
+        per_prompt = model.encode_text(prompts, normalize=True).double().view(len(names), len(templates), -1)
+    torch.testing.assert_close(classifier.double(), F.normalize(per_prompt.mean(dim=1), dim=-1).T,
+                               rtol=0, atol=1e-5)  # fp32 towers, other batches: float32 agreement
+    assert len(set((images @ classifier).argmax(dim=1).tolist())) >= 5  # the fixture's model: many classes win
+    bounds, n, uncertain = count_zeroshot(images, classifier, labels)
+    assert n == n_val and uncertain <= n_val // 100
+    for name, b in bounds.items():
+        assert_within(zs[name], b, name)
+    for way, (q, k) in {"image_to_text": (images, texts), "text_to_image": (texts, images)}.items():
+        recalls, uncertain = count_recall(q, k)
+        assert uncertain <= n_val // 100
+        for at, b in recalls.items():
+            assert_within(rt[f"{way}_R@{at}"], b, f"{way}_R@{at}")
 
 
 def test_cli_eval_zeroshot_json(digits, digits_run, capsys):

@@ -114,6 +114,8 @@ def test_cli_export_open_clip_prints_folder(tmp_path, capsys):
     assert main(["export", "--checkpoint", run, "--out", out]) == 0  # open_clip is the default format
     assert capsys.readouterr().out.strip() == out
     assert {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS} <= set(os.listdir(out))
+    _, ours, tokenizer, _ = load_model_from_run(run)
+    _assert_same_embeddings(ours, open_clip.create_model("local-dir:" + out), tokenizer)
 
 
 def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
@@ -155,6 +157,28 @@ def _images(size: int = 32):
     return torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
 
 
+def _assert_timm_pipeline_is_ours(theirs, head, run) -> None:
+    """From PIL images (not square, not the model's size): timm's own preprocessing of the
+    exported folder (its data config) and the timm model, then the saved projection ``head``
+    (if any), give vlp's eval transform + ``encode_image`` features."""
+    from timm.data import create_transform, resolve_data_config
+
+    _, ours, _, eval_tf = load_model_from_run(run)
+    timm_tf = create_transform(**resolve_data_config(model=theirs))
+    g = torch.Generator().manual_seed(4)
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for h, w in ((50, 40), (23, 61))]
+    x_timm = torch.stack([timm_tf(im) for im in images])
+    x_ours = torch.stack([eval_tf(im) for im in images])
+    torch.testing.assert_close(x_timm, x_ours, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        got = theirs(x_timm)
+        if head:
+            got = got @ head["proj.weight"].T
+        want = ours.encode_image(x_ours)
+    assert float((want[0] - want[1]).abs().max()) > 1e-2  # the two images' features differ
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", list(VIT_VARIANTS), ids=list(VIT_VARIANTS))
 def test_timm_vit_gives_our_image_features(tmp_path, variant):
     run = make_tiny_run(tmp_path, **VIT_VARIANTS[variant])
@@ -165,6 +189,7 @@ def test_timm_vit_gives_our_image_features(tmp_path, variant):
     assert type(theirs).__name__ == "VisionTransformer"
     with torch.no_grad():
         torch.testing.assert_close(theirs(_images()), ours.encode_image(_images()), atol=1e-5, rtol=0)
+    _assert_timm_pipeline_is_ours(theirs, {}, run)
 
 
 def test_timm_vit_file_with_pretrained_cfg_overlay(tmp_path):
@@ -216,6 +241,7 @@ def test_timm_tower_trunk_round_trips(tmp_path, model_name):
         torch.testing.assert_close(by_dir(x), trunk, atol=1e-5, rtol=0)
         torch.testing.assert_close(by_file(x), trunk, atol=1e-5, rtol=0)
         torch.testing.assert_close(by_dir(x) @ head["proj.weight"].T, ours.encode_image(x), atol=1e-5, rtol=0)
+    _assert_timm_pipeline_is_ours(by_dir, head, run)
 
 
 # ---- hf ---------------------------------------------------------------------------------------

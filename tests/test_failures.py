@@ -1,5 +1,9 @@
 """Failure behaviour: non-finite losses are skipped then stop the run; a dead rank makes
-the others exit with a clear message in bounded time; the restart resumes."""
+the others exit with a clear message in bounded time; the restart resumes, every weight, Adam
+moment and the lr as saved.
+
+Also a worker: ``torchrun --nproc_per_node 2 -m tests.test_failures OUT KEY=VALUE...`` resumes
+a Trainer of the clip_digits recipe with those overrides and saves what it holds to OUT."""
 import copy
 import os
 import signal
@@ -10,7 +14,20 @@ import time
 import pytest
 import torch
 
-from tests.test_train_e2e import RECIPE, ROOT, TINY, _env, _latest, digits, vlp  # noqa: F401
+from tests.test_optim import hand_lr
+from tests.test_train_e2e import (  # noqa: F401
+    RECIPE,
+    ROOT,
+    TINY,
+    _env,
+    _latest,
+    check_resumed,
+    copy_checkpoint,
+    digits,
+    resumed_trainer,
+    resumed_view,
+    vlp,
+)
 from tests.tiny import PlainEngine, tiny_batch, tiny_model_cfg
 from vlp.engine.step import Step
 from vlp.models import create_model
@@ -70,13 +87,35 @@ def test_dead_rank_then_resume(digits, tmp_path):  # noqa: F811  (fixture)
     files = set(os.listdir(os.path.join(run, "checkpoints", tag)))
     assert {"rng_rank0.pt", "rng_rank1.pt", "model.safetensors"} <= files  # complete: both ranks' shards
     assert sum(f.startswith("zero_pp_rank_") for f in files) == 2
+    # what the restarted 2 ranks load from it (a resume-only copy of the job beside the run):
+    # every tensor as saved, the lr of the schedule
+    step = int(tag.split("_")[1])
+    here, out = copy_checkpoint(run, tag), str(tmp_path / "resumed.pt")
+    check = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            "29657", "-m", "tests.test_failures", out, *args[args.index(RECIPE) + 1:],
+                            f"run.dir={here}", "data.workers=0", "logging.tensorboard=false"],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stderr[-3000:]
+    check_resumed(torch.load(out, weights_only=False), os.path.join(here, "checkpoints", tag),
+                  hand_lr(step, 2e-3, 5, 30))
 
     procs = [subprocess.Popen(args, cwd=ROOT, env=_rank_env(r, 29656), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
-    assert f"resumed from step {int(tag.split('_')[1])}" in outs[0][0]
+    assert f"resumed from step {step}" in outs[0][0]
     assert _latest(run) == "step_00000030"
+
+
+def resumed_state(out: str, overrides) -> None:
+    """On every rank: resume a Trainer of ``overrides`` and take its ``resumed_view``; rank 0 saves it to OUT."""
+    from vlp import dist
+
+    trainer = resumed_trainer(overrides)
+    view = resumed_view(trainer)  # gathers the partitions: every rank takes part
+    if trainer.info.is_main:
+        torch.save(view, out)
+    dist.shutdown()
 
 
 def test_label_objective_rejects_unlabelled_samples():
@@ -86,3 +125,7 @@ def test_label_objective_rejects_unlabelled_samples():
     batch["label"][2] = -1  # what the stream yields for a sample without `cls`
     with pytest.raises(ValueError, match="needs a label on every sample"):
         Step(PlainEngine(model), build_objective({"name": "supcon"}), torch.device("cpu"))(batch)
+
+
+if __name__ == "__main__":
+    resumed_state(sys.argv[1], sys.argv[2:])

@@ -284,12 +284,38 @@ def test_train_and_eval_classify(tmp_path, capsys):
     assert main(["train", recipe, *tiny, f"data.train={data}/train", f"data.val={data}/val", f"run.dir={run}"]) == 0
     with open(run / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [2, 4, 6]
-    assert "mixup_contrastive" in records[0] and "soft_clip" in records[-1]  # progress 4/6 >= 0.33
-    assert all({"ce_image", "ce_text", "ce_fusion"} <= r.keys() for r in records)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "classify_num_samples" in r]  # the eval after the last step
+    assert [r["step"] for r in steps] == [2, 4, 6] and [r["step"] for r in evals] == [6] and len(records) == 4
+    assert "mixup_contrastive" in steps[0] and "soft_clip" in steps[-1]  # progress 4/6 >= 0.33
+    assert all({"ce_image", "ce_text", "ce_fusion"} <= r.keys() for r in steps)
     capsys.readouterr()
     assert main(["eval", "classify", "--checkpoint", str(run), "--data", f"{data}/val", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["num_samples"] == 720
-    for name in ("image", "text", "fusion"):
-        assert 0.0 <= metrics[f"{name}_accuracy"] <= 1.0 and f"{name}_mean_per_class_recall" in metrics
+    # a count by hand of argmax hits in the run's logits_* outputs on every val sample, in the CLI's batches
+    from vlp.data.stream import build_eval_loader
+    from vlp.runs import eval_context, load_model_from_run
+
+    cfg, model, tokenizer, transform = load_model_from_run(str(run))
+    ctx = eval_context(cfg, model, tokenizer, transform)
+    heads = ("image", "text", "fusion")
+    rows = {name: [] for name in heads}  # name -> [(logits, label)] per sample
+    with torch.no_grad():
+        for batch in build_eval_loader(f"{data}/val", ctx.data_cfg, transform, tokenizer, batch_size=ctx.batch_size):
+            out = model({"image": batch["image"], "text": batch["text"]})
+            for name in heads:
+                rows[name] += zip(out[f"logits_{name}"].tolist(), batch["label"].tolist())
+    assert set(metrics) == {f"{n}_{m}" for n in heads for m in ("accuracy", "mean_per_class_recall")} | {"num_samples"}
+    for name in heads:
+        assert len(rows[name]) == 720 and all(label >= 0 for _, label in rows[name])
+        right, seen = {}, {}  # label -> count
+        for logits, label in rows[name]:
+            pred = max(range(len(logits)), key=logits.__getitem__)  # the first of equal maxima, as argmax
+            seen[label] = seen.get(label, 0) + 1
+            right[label] = right.get(label, 0) + (pred == label)
+        assert metrics[f"{name}_accuracy"] == pytest.approx(sum(right.values()) / 720, abs=1e-12)
+        recall = sum(right[c] / seen[c] for c in seen) / len(seen)
+        assert metrics[f"{name}_mean_per_class_recall"] == pytest.approx(recall, abs=1e-12)
+    for key, value in metrics.items():  # the run's own eval of its last step: the same weights and batches
+        assert evals[0][f"classify_{key}"] == pytest.approx(value, abs=1e-12), key

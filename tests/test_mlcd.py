@@ -46,12 +46,29 @@ def test_several_positives_and_negatives_match_the_sums():
         assert abs(float(mlc_rows(cos, pos, s, m)[i]) - coupled) < 1e-12
 
 
+def _lse(zs):
+    top = max(zs)
+    return top + math.log(sum(math.exp(z - top) for z in zs))
+
+
 def test_large_scale_is_finite():
+    """float32, s = 200: e^{s·c} overflows float32 (max ~e^88.7), the losses must not. Expected
+    values from the formulas in float64 (of the float32 inputs): ~400.13 for both; dropping the
+    positive term gives ~200.13, dropping the 0.99 negative 400.00, both far outside the tolerance."""
     cos = torch.tensor([[1.0, -1.0, 0.99]])
     pos = torch.tensor([[False, True, False]])
-    for fn in (mlcd_rows, mlc_rows):
-        value = fn(cos, pos, 200.0)
-        assert torch.isfinite(value).all() and value > 200  # ~ s·(1 + 1) for the worst pairs
+    s = 200.0
+    (p,), negs = cos[pos].tolist(), cos[~pos].tolist()
+    want = {
+        mlcd_rows: _lse([0.0, -s * p]) + _lse([0.0] + [s * n for n in negs]),
+        mlc_rows: _lse([0.0, _lse([-s * p]) + _lse([s * n for n in negs])]),
+    }
+    for fn, expected in want.items():
+        value = fn(cos, pos, s)
+        assert value.dtype == torch.float32 and torch.isfinite(value).all()
+        # float32: a few ulps (3e-5 at 400) of the exponents' sums
+        assert abs(float(value) - expected) <= 1e-6 * expected, (fn.__name__, float(value), expected)
+    assert abs(want[mlcd_rows] - (2 * s + math.log1p(math.exp(-0.01 * s)))) < 1e-5  # 400.1269; 0.99 is float32
 
 
 def _pos_grad(fn, negatives):

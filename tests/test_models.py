@@ -3,7 +3,9 @@ import json
 
 import open_clip
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 
 from tests.tiny import tiny_batch, tiny_model_cfg
 from vlp.models import ModelConfig, create_model
@@ -32,6 +34,41 @@ def test_image_towers(image):
     assert out["image"].shape == (3, 16) and out["text"].shape == (3, 16)
     assert torch.allclose(out["image"].norm(dim=-1), torch.ones(3), atol=1e-5)
     assert out["logit_scale"].shape == (1,)
+
+
+@pytest.mark.parametrize("image,timm_kwargs", [
+    # open_clip's TimmModel builds the ViT with its default (token) pooling, then resets the
+    # classifier to avg: the final norm stays before the pooling (fc_norm=False)
+    ({"model_name": "test_vit"}, {"num_classes": 0, "global_pool": "avg", "fc_norm": False}),
+    ({"model_name": "test_vit", "drop_path": 0.1, "pool": "token"}, {"num_classes": 0, "global_pool": "token"}),
+    ({"model_name": "test_resnet"}, {"num_classes": 0, "global_pool": "avg"}),
+    ({"model_name": "test_resnet", "proj_bias": True}, {"num_classes": 0, "global_pool": "avg"}),
+], ids=["vit", "vit-token-drop-path", "resnet", "resnet-proj-bias"])
+def test_timm_tower_is_timm_model_with_same_weights(image, timm_kwargs):
+    """A timm image tower is timm.create_model(name) plus a linear projection: a model timm
+    builds on its own, given the tower's trunk weights (strict), then the projection written
+    out, embeds the same images to the same features (eval mode: drop path off)."""
+    cfg = tiny_model_cfg(image={"name": "timm", "image_size": 16, **image})
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    ref = timm.create_model(image["model_name"], **timm_kwargs).eval()
+    ref.load_state_dict(model.visual.trunk.state_dict(), strict=True)
+    if "drop_path" in image:  # timm's stochastic depth, rising to the rate in the last block
+        assert model.visual.trunk.blocks[-1].drop_path1.drop_prob == pytest.approx(image["drop_path"])
+    head = dict(model.visual.head.named_parameters())
+    assert sorted(head) == (["proj.bias", "proj.weight"] if image.get("proj_bias") else ["proj.weight"])
+    if "proj.bias" in head:
+        with torch.no_grad():
+            head["proj.bias"].normal_()  # zero-initialised: give it values that show
+    batch = tiny_batch(3, cfg)
+    with torch.no_grad():
+        pooled = ref(batch["image"])  # (3, C)
+        want = pooled @ head["proj.weight"].T + (head["proj.bias"] if "proj.bias" in head else 0)  # (3, 16)
+        got = model.encode_image(batch["image"])
+        out = model(batch)
+    assert pooled.shape == (3, ref.num_features) and float(want.std()) > 1e-2  # features that tell images apart
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["image"], F.normalize(want, dim=-1), rtol=1e-5, atol=1e-6)
 
 
 def _register_tiny(tmp_path):

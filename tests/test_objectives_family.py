@@ -299,3 +299,51 @@ def test_mixing_draws_depend_on_seed_and_global_row_only():
         assert torch.equal(whole[k][4:], tail[k])
     other = build_objective({"name": "hard_negative_mixing", "hardest": 4, "mixes": 5, "query_mixes": 5, "seed": 1})
     assert not torch.equal(other.synthesize(q, keys, torch.arange(8), direction=1)["mix"], whole["mix"])
+
+
+def _mochi_reference(x, y, scale, hardest, mixes, query_mixes, seed):
+    """MoCHi written out per query (float64 loops): the K hardest negatives in score order,
+    S mixes α·n_a + (1-α)·n_b and Q mixes β·q + (1-β)·n_c (β = ½·u), normalised and detached,
+    appended to the query's row of logits only; the draws u ~ U[0,1)^(3S+2Q) come from one
+    generator per (seed, direction, row), laid out as [a | b | α | c | β] and mapped to H_i by
+    floor(u·K)."""
+    from vlp.objectives.mixing import _seed32
+
+    n = len(x)
+    k = min(hardest, n - 1)
+    total = 0.0
+    for direction, (qs, keys) in enumerate(((x, y), (y, x))):
+        for i in range(n):
+            q = qs[i]
+            qd, kd = q.detach(), keys.detach()
+            scores = {j: float(qd @ kd[j]) for j in range(n) if j != i}
+            hard = sorted(scores, key=lambda j: -scores[j])[:k]  # H_i, hardest first
+            u = torch.rand(3 * mixes + 2 * query_mixes, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(_seed32(seed, direction, i))).tolist()
+            a, b, alpha = u[:mixes], u[mixes : 2 * mixes], u[2 * mixes : 3 * mixes]
+            c, beta = u[3 * mixes : 3 * mixes + query_mixes], u[3 * mixes + query_mixes :]
+            synthetic = []
+            for s in range(mixes):
+                h = alpha[s] * kd[hard[int(a[s] * k)]] + (1 - alpha[s]) * kd[hard[int(b[s] * k)]]
+                synthetic.append(h / h.norm())
+            for t in range(query_mixes):
+                h = 0.5 * beta[t] * qd + (1 - 0.5 * beta[t]) * kd[hard[int(c[t] * k)]]
+                synthetic.append(h / h.norm())
+            row = [scale * (q @ keys[j]) for j in range(n)] + [scale * (q @ h) for h in synthetic]
+            total = total + (torch.logsumexp(torch.cat(row), 0) - row[i][0]) / n / 2
+    return total
+
+
+@pytest.mark.parametrize("hardest,mixes,query_mixes", [(3, 4, 5), (2, 6, 0), (7, 0, 3), (20, 5, 5)])
+def test_hard_negative_mixing_equals_written_out_mochi(hardest, mixes, query_mixes):
+    x, y = _unit(8, seed=4).requires_grad_(), _unit(8, seed=5).requires_grad_()
+    scale = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
+    spec = {"name": "hard_negative_mixing", "hardest": hardest, "mixes": mixes, "query_mixes": query_mixes,
+            "seed": 7}
+    loss = _loss(build_objective(spec), {"image": x, "text": y}, {"logit_scale": scale})
+    ref = _mochi_reference(x, y, scale, hardest, mixes, query_mixes, seed=7)
+    infonce = _loss(build_objective({"name": "infonce"}), {"image": x, "text": y}, {"logit_scale": scale})
+    assert float((ref - infonce).detach()) > 1e-3  # the synthetic negatives change the loss: the comparison can fail
+    assert torch.allclose(loss, ref, rtol=1e-12, atol=0)
+    for a, b in zip(torch.autograd.grad(loss, [x, y, scale]), torch.autograd.grad(ref, [x, y, scale])):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
