@@ -120,6 +120,8 @@ def test_kill_9_then_resume(digits, tmp_path):
     assert _latest(run) == "step_00000040"
     after = [r for r in _metrics(run) if "loss" in r and r["step"] > step]
     assert after[0]["step"] == (step // 5 + 1) * 5 and after[-1]["step"] == 40
+    # what the killed process logged past its checkpoint is gone: every step appears once
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == list(range(5, 41, 5))
     # the scheduler restored: the lr logged after resume follows the warmup-cosine curve
     for r in after:
         assert r["lr"] == pytest.approx(hand_lr(r["step"], 2e-3, 5, 40), rel=1e-12, abs=1e-15), r
@@ -307,11 +309,12 @@ def test_resume_restores_weights_moments_and_lr(digits_here, tmp_path, stage):
         moments, steps = saved_optimizer(tag_dir, group_order(trainer.engine))
         assert steps == {step}
         assert all(torch.equal(moments[n][k], held[step][0][n][k]) for n in moments for k in MOMENTS)
-    # the run resumed at step 4 goes on to the end, its lr on the schedule
+    # the run resumed at step 4 goes on to the end, its lr on the schedule; each resume dropped what
+    # was logged past its step (the one at step 2 dropped steps 3-6), so every step appears once
     trainer.fit()
-    logged = [(r["step"], r["lr"]) for r in _metrics(run) if "lr" in r][6:]
-    assert [s for s, _ in logged] == [5, 6]
-    assert [v for _, v in logged] == pytest.approx([lr(5), lr(6)], rel=1e-12)
+    logged = [(r["step"], r["lr"]) for r in _metrics(run) if "lr" in r]
+    assert [s for s, _ in logged] == [1, 2, 5, 6]
+    assert [v for _, v in logged] == pytest.approx([lr(s) for s, _ in logged], rel=1e-12)
 
 
 def test_resume_with_more_steps_follows_the_new_schedule_at_once(digits_here, tmp_path):
@@ -324,3 +327,26 @@ def test_resume_with_more_steps_follows_the_new_schedule_at_once(digits_here, tm
     assert trainer.state.step == 4
     lrs = [*trainer.scheduler.get_last_lr(), *(g["lr"] for g in trainer.engine.optimizer.param_groups)]
     assert lrs == pytest.approx([hand_lr(4, 2e-3, 2, 8, 0.1)] * 4, rel=1e-12)  # not hand_lr(4, 2e-3, 2, 4, 0.1)
+
+
+def test_resume_from_a_checkpoint_or_run_and_a_warned_fresh_start(digits_here, tmp_path, capsys):
+    from vlp.config import load_config
+    from vlp.train import Trainer
+
+    run = str(tmp_path / "run")
+    overrides = _short_run(digits_here, run, "optim.steps=4")
+    Trainer(load_config(RECIPE, overrides)).fit()
+    tag_dir = os.path.join(run, "checkpoints", "step_00000002")
+    for source, tag in ((tag_dir, tag_dir), (run, os.path.join(run, "checkpoints", "step_00000004"))):
+        other = str(tmp_path / f"other_{os.path.basename(source)}")
+        trainer = Trainer(load_config(RECIPE, _short_run(digits_here, other, "optim.steps=4",
+                                                         f"run.resume_from={source}")))
+        trainer.resume()  # a checkpoint folder, or a run dir's latest, into a new run dir
+        step = int(os.path.basename(tag).split("_")[1])
+        check_resumed(resumed_view(trainer), tag, hand_lr(step, 2e-3, 3, 4, 0.1))
+    fresh = Trainer(load_config(RECIPE, [*overrides, "run.resume=false"]))
+    fresh.resume()
+    assert fresh.state.step == 0 and "run.resume=false: starting fresh" in capsys.readouterr().out
+    assert _metrics(run) == []  # the old run's records no longer describe this run
+    with pytest.raises(FileNotFoundError, match="run.resume_from not found"):
+        load_config(RECIPE, [*overrides, f"run.resume_from={tmp_path}/nowhere"])

@@ -43,7 +43,8 @@ class RunConfig:
     seed: int = 0  # initial weights, shard order, shuffling, augmentation, objectives' shared draws
     checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2  # newest complete checkpoints kept
-    resume: bool = True  # continue from RUN_DIR/checkpoints/latest when present
+    resume: bool = True  # continue from RUN_DIR/checkpoints/latest when present (false: start fresh, with a warning)
+    resume_from: Optional[str] = None  # start from this run dir's latest or this checkpoint folder instead
     max_skipped_steps: int = 10  # consecutive non-finite-loss steps before the run stops
 
 
@@ -135,6 +136,8 @@ def resolve(cfg: Config) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that span sections or that the dataclasses cannot express."""
+    if cfg.run.resume_from and not os.path.exists(cfg.run.resume_from):
+        raise FileNotFoundError(f"run.resume_from not found: {cfg.run.resume_from}")
     validate_continual(cfg.continual)
     _check_modalities(cfg)
     if cfg.engine.zero_stage not in (0, 1, 2, 3):

@@ -101,15 +101,26 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------
     def resume(self) -> None:
-        if not self.cfg.run.resume:
-            return
-        client = checkpoint.load(self.engine, self.run_dir)
+        """Continue from ``run.resume_from``, else (``run.resume``) this run's latest checkpoint;
+        metrics.jsonl and TensorBoard drop what a dead run logged past the step resumed from."""
+        run = self.cfg.run
+        found = self.run_dir, checkpoint.latest_tag(self.run_dir)
+        if run.resume_from:
+            found = checkpoint.source(run.resume_from)
+        elif not run.resume:
+            if found[1] and self.info.is_main:
+                print(f"[vlp] warning: run.resume=false: starting fresh although {self.run_dir} has checkpoint "
+                      f"{found[1]} (a new checkpoint of the same step replaces it)", flush=True)
+            found = None, None
+        client = checkpoint.load(self.engine, *found) if found[1] else None
         if client is not None:
             self._follow_schedule()
             self.state = TrainState(**client["train_state"])
             self.load_client_state(client)
             if self.info.is_main:
-                print(f"[vlp] resumed from step {self.state.step} (epoch {self.state.epoch})", flush=True)
+                print(f"[vlp] resumed from step {self.state.step} (epoch {self.state.epoch})"
+                      + (f" of {run.resume_from}" if run.resume_from else ""), flush=True)
+        self.log.resume_at(self.state.step)
 
     def _follow_schedule(self) -> None:
         """The restored optimizer holds the lr the saving run's schedule gave; a run resumed with other

@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -108,9 +108,22 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, f"universal_{tag}"), ignore_errors=True)
 
 
-def load(engine, run_dir: str) -> Optional[Dict[str, Any]]:
-    """Restore engine (model, optimizer, scheduler) and RNG from ``latest``; its client state."""
-    tag = latest_tag(run_dir)
+def source(path: str) -> Tuple[str, str]:
+    """(run dir, tag) of a checkpoint given as a run dir (its ``latest``) or as one checkpoint
+    folder (``RUN/checkpoints/step_N``)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, META_FILE)) or os.path.isfile(os.path.join(path, MODEL_FILE)):
+        return os.path.dirname(os.path.dirname(path)), os.path.basename(path)
+    tag = latest_tag(path)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint in {path} (expected checkpoints/latest or a step_N folder)")
+    return path, tag
+
+
+def load(engine, run_dir: str, tag: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Restore engine (model, optimizer, scheduler) and RNG from ``tag`` (default ``latest``) of
+    ``run_dir``; its client state, or None when the run has no checkpoint."""
+    tag = tag or latest_tag(run_dir)
     if tag is None:
         return None
     saved = _saved_world_size(run_dir, tag)
