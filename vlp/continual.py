@@ -186,5 +186,7 @@ class ContinualTrainer(Trainer):
     # --- the loop ---------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         result = super().fit()
+        if result.get("preempted"):
+            return {**result, "tasks_done": self.tasks_done}
         self.enter_task(len(self.tasks))  # the last task's snapshot
         return {**result, "tasks_done": self.tasks_done}

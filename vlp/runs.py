@@ -22,6 +22,7 @@ import open_clip
 import torch
 from safetensors.torch import load_file
 
+from vlp import dist
 from vlp.config import Config, load_config
 from vlp.data.config import DataConfig
 from vlp.engine.checkpoint import MODEL_FILE, ckpt_dir, latest_tag
@@ -93,13 +94,14 @@ def load_image_model(checkpoint: Optional[str] = None, open_clip_name: Optional[
 
 def eval_context(cfg: Config, model, tokenizer, transform, device: Any = "cpu", data: Any = None,
                  objective: Optional[Objective] = None, progress: bool = False) -> EvalContext:
-    """What the evaluators of ``vlp/eval`` need, from a run config (its ``eval`` and ``data`` sections)."""
+    """What the evaluators of ``vlp/eval`` need, from a run config (its ``eval`` and ``data`` sections);
+    in a process group every rank evaluates its share of the data."""
     return EvalContext(
         model=model, tokenizer=tokenizer, transform=transform, data_cfg=cfg.data,
         data=cfg.data.val if data is None else data, train_data=cfg.data.train, device=device,
         batch_size=cfg.eval.batch_size,
         progress=progress, objective=objective, modality=cfg.eval.modality,
-        classnames=cfg.eval.classnames, templates=cfg.eval.templates,
+        classnames=cfg.eval.classnames, templates=cfg.eval.templates, rank=dist.rank(), world_size=dist.world_size(),
     )
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, Optional
@@ -23,6 +25,37 @@ from vlp.models import build_tokenizer, build_transforms, create_model
 from vlp.objectives import build_objective
 from vlp.rng import seed_all
 from vlp.runs import eval_context
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: sbatch --signal=USR1@120 (launch/slurm.sbatch)
+
+
+class Preemption:
+    """Catches SIGTERM / SIGUSR1 while training; ``agreed()`` (a collective) is true on every rank
+    at the end of the same step once any rank got one, so all ranks save that step and stop."""
+
+    def __init__(self):
+        self.signum = 0
+        self._saved = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            for sig in PREEMPT_SIGNALS:
+                self._saved[sig] = signal.signal(sig, self._catch)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _catch(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signum else 0.0])
+        return float(dist.all_reduce_sum(flag)) > 0
+
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a peer rank's signal"
 
 
 @dataclass
@@ -156,30 +189,25 @@ class Trainer:
 
     # --- eval -----------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
-        """The evaluators of ``eval.tasks`` on data.val (vlp/eval); rank 0 evaluates, the others wait."""
+        """The evaluators of ``eval.tasks`` on data.val (vlp/eval): every rank evaluates its share of
+        the shards and the evaluators combine the ranks' results, so every rank returns them."""
         cfg = self.cfg
         if not cfg.data.val or not cfg.eval.tasks:
             return {}
-        model = self._eval_model()  # every rank takes part (ZeRO-3 gathers the weights)
-        results: Dict[str, float] = {}
-        if self.info.is_main:
-            with torch.no_grad():
-                ctx = eval_context(cfg, model, self.tokenizer, self.eval_transform, self.device,
-                                   objective=self.objective)
-                results = run_tasks(cfg.eval.tasks, ctx)
-        dist.barrier()
-        return dist.broadcast_object(results)
+        model = self._eval_model()
+        with torch.no_grad():
+            ctx = eval_context(cfg, model, self.tokenizer, self.eval_transform, self.device,
+                               objective=self.objective)
+            return run_tasks(cfg.eval.tasks, ctx)
 
-    def _eval_model(self) -> Optional[torch.nn.Module]:
-        """The model rank 0 evaluates. Below ZeRO-3 the engine's module (evaluators switch it to
-        eval mode and back). At ZeRO-3 its parameters are partitioned and every forward through
-        it is a collective, which rank 0 cannot run alone: the full weights are gathered on every
-        rank, and rank 0 evaluates a plain copy (None on the other ranks)."""
+    def _eval_model(self) -> torch.nn.Module:
+        """The model to evaluate. Below ZeRO-3 the engine's module (evaluators switch it to eval
+        mode and back). At ZeRO-3 its parameters are partitioned and every forward through it is a
+        collective, which ranks with different numbers of eval batches cannot keep in step: the
+        full weights are gathered once on every rank, and each rank evaluates a plain copy."""
         if self.engine.zero_optimization_stage() < 3:
             return self.engine.module
         weights = checkpoint.full_state_dict(self.engine)  # a collective: every rank
-        if not self.info.is_main:
-            return None
         saved = rng.state()  # building the copy draws init weights: keep the training RNG stream
         model = create_model(self.cfg.model, load_weights=False)
         rng.set_state(saved)
@@ -188,6 +216,10 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
+        with Preemption() as preemption:
+            return self._fit(preemption)
+
+    def _fit(self, preemption: Preemption) -> Dict[str, Any]:
         cfg, state = self.cfg, self.state
         self.resume()
         state = self.state
@@ -213,6 +245,8 @@ class Trainer:
                 last_saved = state.step
             if bar is not None:
                 bar.update(1)
+            if preemption.agreed():
+                return self._stop_preempted(preemption, last_saved, bar)
         if last_saved != state.step:
             self.save()
         final = self._log_eval()
@@ -220,6 +254,18 @@ class Trainer:
             bar.close()
         self.log.close()
         return {"step": state.step, "samples": state.samples, **final}
+
+    def _stop_preempted(self, preemption: Preemption, last_saved: int, bar) -> Dict[str, Any]:
+        """Save the step just finished (every rank) and end the run cleanly: the job resumes from it."""
+        if last_saved != self.state.step:
+            self.save()
+        if bar is not None:
+            bar.close()
+        self.log.close()
+        if self.info.is_main:
+            print(f"[vlp] preempted by {preemption.name()} at step {self.state.step}: saved "
+                  f"{checkpoint.latest_tag(self.run_dir)}; rerun the same command to resume", flush=True)
+        return {"step": self.state.step, "samples": self.state.samples, "preempted": True}
 
     def _skipped_step(self, bad_steps: int) -> int:
         """Log a step skipped for a non-finite loss; stop after too many in a row."""

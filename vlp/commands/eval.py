@@ -19,6 +19,7 @@ from typing import Any, Dict
 
 import torch
 
+from vlp import dist
 from vlp.eval import EVALUATORS, run_evaluator
 from vlp.eval.continual import METRICS, run_continual_eval
 from vlp.objectives import build_objective
@@ -106,21 +107,40 @@ def _load(args):
 
 
 def _evaluate(args) -> int:
+    """One process, or every rank of a launcher (torchrun ... -m vlp eval NAME): each rank reads
+    its share of the shards and rank 0 prints the combined result."""
+    distributed = dist.env_info().world_size > 1
+    if distributed:
+        info = dist.init_distributed()
+        args.device = args.device or str(dist.device_for(info))
+    try:
+        metrics, cfg = _run_evaluator(args)
+    finally:
+        if distributed:
+            dist.shutdown()
+    if dist.env_info().rank == 0:
+        _print(args, metrics, cfg)
+    return 0
+
+
+def _run_evaluator(args):
     cfg, model, tokenizer, transform = _load(args)
     ctx = eval_context(cfg, model, tokenizer, transform, _device(args), data=args.data,
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty() and dist.rank() == 0)
     if args.evaluator == "val_loss":
         ctx.objective = build_objective(cfg.objective)
-    metrics = run_evaluator(_settings(args), ctx)
+    return run_evaluator(_settings(args), ctx), cfg
+
+
+def _print(args, metrics: Dict[str, Any], cfg) -> None:
     if args.json:
         print(json.dumps(metrics))
-        return 0
+        return
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     where = getattr(args, "setting_val", None) or args.data or cfg.data.val
     print(f"{args.eval_task} on {where}: {shown}  (n={metrics.get('num_samples', metrics.get('num_val'))})")
     for example in metrics.get("examples", []):
         print(f"  label {example['label']}: {example['caption']}")
-    return 0
 
 
 # ---- vlp eval continual: a run folder of task snapshots, not one model ------------------------------

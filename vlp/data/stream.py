@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import signal
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
@@ -104,7 +105,8 @@ def build_loader(
     else:
         if cfg.train_weights is not None and train:
             log.warning("data.train_weights is ignored without data.resampled")
-        shards = _rank_shards(spec, rank, world_size, order_seed=make_seed(seed, epoch) if train else None)
+        shards = _rank_shards(spec, rank, world_size, order_seed=make_seed(seed, epoch) if train else None,
+                              train=train)
         source = [wds.SimpleShardList(shards), wds.split_by_worker, partial(read_shards, handler=counter)]
         workers = min(cfg.workers, len(shards))  # a worker without a shard would idle
     shuffle = train and cfg.shuffle_buffer > 0
@@ -124,8 +126,16 @@ def build_loader(
         num_workers=workers,
         # Seeds each worker's torch and python RNGs (augmentations, RandomMix) from (seed, epoch, rank).
         generator=torch.Generator().manual_seed(make_seed(seed, epoch, rank)),
+        worker_init_fn=_ignore_preemption,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def _ignore_preemption(worker_id: int) -> None:
+    """A preemption signal sent to the whole job (SLURM --signal) must not kill the workers: the
+    trainer finishes its step and saves (vlp/train.py, Preemption); workers end with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_eval_loader(
@@ -134,12 +144,16 @@ def build_eval_loader(
     image_transform: Callable[[Any], torch.Tensor],
     tokenizer: Callable[[List[str]], torch.Tensor],
     batch_size: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """One ordered pass over ``spec`` in a single process, last partial batch kept."""
+    """One ordered pass over this rank's share of ``spec`` (every shard by default), last
+    partial batch kept: over ``world_size`` ranks every sample is read exactly once."""
     if batch_size is not None:
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
     return build_loader(
-        spec, cfg, image_transform=image_transform, tokenizer=tokenizer, rank=0, world_size=1, train=False
+        spec, cfg, image_transform=image_transform, tokenizer=tokenizer, rank=rank, world_size=world_size,
+        train=False,
     )
 
 
@@ -152,15 +166,16 @@ def _check_args(cfg: DataConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"data.workers must be >= 0, got {cfg.workers}")
 
 
-def _rank_shards(spec: Any, rank: int, world_size: int, order_seed: Optional[int]) -> List[str]:
+def _rank_shards(spec: Any, rank: int, world_size: int, order_seed: Optional[int], train: bool = True) -> List[str]:
     """This rank's shards: every rank permutes the same list the same way, then takes every
-    ``world_size``-th, so the ranks' shares partition the shards."""
+    ``world_size``-th, so the ranks' shares partition the shards. An eval pass may leave a rank
+    without shards (it then yields nothing); a training stream may not."""
     urls = expand_spec(spec)
-    if len(urls) < world_size:
+    if len(urls) < world_size and train:
         raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks; write more shards")
     if order_seed is not None:
         random.Random(order_seed).shuffle(urls)
-    if len(urls) % world_size and rank == 0:
+    if len(urls) % world_size and rank == 0 and train:
         log.warning("%d shards do not divide among %d ranks: their batch counts differ", len(urls), world_size)
     return urls[rank::world_size]
 

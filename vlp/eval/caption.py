@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vlp import dist
 from vlp.data.digits import CLASSNAMES as DIGITS
-from vlp.data.stream import build_eval_loader
 from vlp.eval.common import eval_mode, image_dtype
 from vlp.eval.registry import EVALUATORS, EvalContext
 from vlp.eval.zeroshot import read_classnames_templates
@@ -89,6 +89,11 @@ def evaluate_captions(
                     right += named_classes(caption, patterns) == [label]
                 if len(shown) < examples:
                     shown.append({"caption": caption, "label": label})
+    # every rank scored its own shards: add the counts up, keep the captions in rank order
+    parts = dist.all_gather_object((ce_sum, n_tokens, n, right, judged, gen_seconds, gen_tokens, hyps, refs, shown))
+    ce_sum, n_tokens, n, right, judged, gen_seconds, gen_tokens = (sum(p[i] for p in parts) for i in range(7))
+    hyps, refs = [h for p in parts for h in p[7]], [r for p in parts for r in p[8]]
+    shown = [s for p in parts for s in p[9]][:examples]
     loss = ce_sum / max(n_tokens, 1)
     result: Dict[str, Any] = {"caption_loss": loss, "perplexity": math.exp(loss), "num_samples": n,
                               "num_tokens": n_tokens, "generation_seconds": gen_seconds,
@@ -136,7 +141,7 @@ def run_caption_eval(settings: CaptionSettings, ctx: EvalContext) -> Dict[str, A
     except FileNotFoundError:
         if settings.classnames is not None:
             raise
-    loader = build_eval_loader(data_spec, ctx.data_cfg, ctx.transform, ctx.tokenizer, batch_size=ctx.batch_size)
+    loader = ctx.loader(data_spec)
     special = special_ids(ctx.tokenizer, pad_id=getattr(model, "pad_id", 0))
     return evaluate_captions(model, loader, ctx.tokenizer, special, settings.generation(), names, ctx.device,
                              ctx.progress, use_cache=settings.use_cache)

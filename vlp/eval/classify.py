@@ -12,13 +12,26 @@ from typing import Any, Dict, Iterable
 import torch
 from tqdm import tqdm
 
-from vlp.data.stream import build_eval_loader
+from vlp import dist
 from vlp.engine.step import model_inputs
 from vlp.eval.common import eval_mode, image_dtype
 from vlp.eval.registry import EVALUATORS, EvalContext
 
 PREFIX = "logits_"
 COCONUT_LOGITS = "class_logits"  # the coconut_classifier head's output, reported as "class"
+
+
+def _combine(parts):
+    """The sum of the ranks' (hits per head, samples per class) counts; (empty, None) if none counted."""
+    hits: Dict[str, torch.Tensor] = {}
+    total = None
+    for part_hits, part_total in parts:
+        if part_total is None:
+            continue
+        total = part_total if total is None else total + part_total
+        for name, h in part_hits.items():
+            hits[name] = hits[name] + h if name in hits else h
+    return hits, total
 
 
 def _head_name(output: str) -> str:
@@ -52,6 +65,7 @@ def evaluate_classify(model, loader: Iterable[Dict[str, Any]], device: Any = "cp
             for name, z in logits.items():
                 right = y[z.argmax(1).cpu() == y]
                 hits[name] = hits.get(name, 0) + torch.bincount(right, minlength=num_classes)
+    hits, total = _combine(dist.all_gather_object((hits, total)))  # every rank counted its own shards
     if total is None:
         raise ValueError("no labelled samples in the eval data (classification needs a label per sample)")
     n, present = int(total.sum()), total > 0
@@ -71,6 +85,5 @@ class ClassifySettings:
 @EVALUATORS.register("classify", ClassifySettings)
 def run_classify(settings: ClassifySettings, ctx: EvalContext) -> Dict[str, Any]:
     """Accuracy of every classifier head of the model on the eval data."""
-    loader = build_eval_loader(ctx.data_for(settings), ctx.data_cfg, ctx.transform, ctx.tokenizer,
-                               batch_size=ctx.batch_size)
+    loader = ctx.loader(ctx.data_for(settings))
     return evaluate_classify(ctx.model, loader, ctx.device, progress=ctx.progress)

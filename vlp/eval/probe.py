@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlp import dist
 from vlp.data.stream import build_eval_loader
 from vlp.eval.common import eval_mode, image_dtype
 from vlp.eval.registry import EVALUATORS, EvalContext
@@ -31,8 +32,10 @@ PROBE_KEYS = ("linear_top1", "knn_top1")
 
 @torch.no_grad()
 def extract_features(model, loader, device, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, labels (N,)) of the labelled samples in ``loader``."""
-    feats, labels = [], []
+    """(features (N, D) float32, labels (N,)) of the labelled samples in ``loader``, ordered by
+    sample key: over several ranks, every rank's samples on every rank, in the order one process
+    would give (the fitted probe does not depend on how the shards were split)."""
+    feats, labels, keys = [], [], []
     with eval_mode(model):
         for batch in tqdm(loader, desc="features", unit="batch", disable=not progress):
             keep = batch["label"] >= 0
@@ -41,9 +44,13 @@ def extract_features(model, loader, device, progress: bool = False) -> Tuple[np.
             x = model.encode_image(batch["image"][keep].to(device, image_dtype(model)), normalize=True)  # (b, D)
             feats.append(x.float().cpu().numpy())
             labels.append(batch["label"][keep].numpy())
+            keys += [k for k, kept in zip(batch["key"], keep.tolist()) if kept]
+    parts = dist.all_gather_object((feats, labels, keys))
+    feats, labels, keys = ([x for p in parts for x in p[i]] for i in range(3))
     if not feats:
         raise ValueError("no labelled samples (a linear probe needs a class label per sample: data.label_key)")
-    return np.concatenate(feats), np.concatenate(labels)
+    order = np.argsort(np.array(keys), kind="stable")
+    return np.concatenate(feats)[order], np.concatenate(labels)[order]
 
 
 def linear_probe_accuracy(train_x, train_y, val_x, val_y, c: float = 1.0, max_iter: int = 2000) -> float:
@@ -65,7 +72,8 @@ def knn_accuracy(train_x, train_y, val_x, val_y, k: int = 20) -> float:
 
 
 def run_linear_probe(model, eval_transform, data_cfg, train_spec: Any, val_spec: Any, device: Any = "cpu",
-                     batch_size: int = 256, c: float = 1.0, knn_k: int = 20, progress: bool = False) -> Dict[str, Any]:
+                     batch_size: int = 256, c: float = 1.0, knn_k: int = 20, progress: bool = False,
+                     rank: int = 0, world_size: int = 1) -> Dict[str, Any]:
     """linear_top1, knn_top1, num_train, num_val, feature_dim of ``model``'s image features."""
     if c <= 0 or knn_k < 1:
         raise ValueError(f"need --C > 0 and --knn-k >= 1, got {c}, {knn_k}")
@@ -73,7 +81,8 @@ def run_linear_probe(model, eval_transform, data_cfg, train_spec: Any, val_spec:
     no_text = lambda texts: torch.zeros(1, 1, dtype=torch.long)  # noqa: E731  captions are not used
 
     def features(spec):
-        loader = build_eval_loader(spec, data_cfg, eval_transform, no_text, batch_size=batch_size)
+        loader = build_eval_loader(spec, data_cfg, eval_transform, no_text, batch_size=batch_size, rank=rank,
+                                   world_size=world_size)
         return extract_features(model, loader, device, progress)
 
     train_x, train_y = features(train_spec)
@@ -104,4 +113,5 @@ def linear_probe(settings: LinearProbeSettings, ctx: EvalContext) -> Dict[str, A
         raise ValueError("linear_probe needs train: the labelled shards the probe is fitted on (--train)")
     val = settings.val if settings.val is not None else ctx.data_for(settings)
     return run_linear_probe(ctx.model, ctx.transform, ctx.data_cfg, train, val, ctx.device,
-                            ctx.batch_size, settings.c, settings.knn_k, progress=ctx.progress)
+                            ctx.batch_size, settings.c, settings.knn_k, progress=ctx.progress,
+                            rank=ctx.rank, world_size=ctx.world_size)

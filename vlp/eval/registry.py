@@ -9,6 +9,11 @@ transform, the run's data settings, the default eval data (``data.val`` in train
 ``--data`` on the command line), the device, the batch size, the objective (``val_loss``)
 and the zero-shot modality. A setting named ``data`` overrides the default eval data.
 
+Every rank evaluates (``ctx.rank`` of ``ctx.world_size``): ``ctx.loader(spec)`` reads this
+rank's shards, so each sample is read by exactly one rank, and each evaluator combines the
+ranks' counts or features with collectives (``vlp.dist``), so every rank returns the result a
+single process gets on the whole data. Every rank runs the same evaluators in the same order.
+
 The trainer runs the list ``eval.tasks`` every ``eval.every_steps`` and at the end
 (``run_tasks``), prefixing each metric with the task's name; ``vlp eval NAME`` is
 generated from this registry (``vlp/commands/eval.py``): one option per settings field.
@@ -23,6 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from vlp.data.config import DataConfig
+from vlp.data.stream import build_eval_loader
 from vlp.objectives.base import Objective
 from vlp.registry import Registry
 
@@ -45,6 +51,13 @@ class EvalContext:
     modality: Optional[str] = None  # what zero-shot and retrieval read: image | audio | None (the model's first)
     classnames: Optional[str] = None  # run-level defaults (eval.classnames / eval.templates)
     templates: Optional[str] = None
+    rank: int = 0  # this process's share of the eval data (every rank evaluates, results are combined)
+    world_size: int = 1
+
+    def loader(self, spec: Any, data_cfg: Optional[DataConfig] = None, tokenizer: Optional[Callable] = None):
+        """One ordered pass over this rank's shards of ``spec`` (eval transform, ``batch_size``)."""
+        return build_eval_loader(spec, data_cfg or self.data_cfg, self.transform, tokenizer or self.tokenizer,
+                                 batch_size=self.batch_size, rank=self.rank, world_size=self.world_size)
 
     def data_for(self, settings: Any) -> Any:
         """The settings' own ``data`` when given, else the context's."""

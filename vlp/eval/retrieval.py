@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from vlp.data.stream import build_eval_loader
+from vlp import dist
 from vlp.eval.common import encode, eval_mode, zeroshot_modality
 from vlp.eval.registry import EVALUATORS, EvalContext
 
@@ -27,12 +27,15 @@ RECALL_AT = (1, 5, 10)
 def embed_all(
     model, loader: Iterable[Dict[str, Any]], device: Any = "cpu", progress: bool = False, modality: str = "image"
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) image (or audio) and (N, D) text unit-norm embeddings of every sample, in loader order, on the CPU."""
+    """(N, D) image (or audio) and (N, D) text unit-norm embeddings of every sample, in loader order, on
+    the CPU; over several ranks, every rank's samples (rank after rank) on every rank."""
     images, texts = [], []
     with eval_mode(model):
         for batch in tqdm(loader, desc="retrieval", unit="batch", disable=not progress):
             images.append(encode(model, modality, batch[modality], device).float().cpu())
             texts.append(model.encode_text(batch["text"].to(device), normalize=True).float().cpu())
+    parts = dist.all_gather_object((images, texts))  # recall@k does not depend on the sample order
+    images, texts = [x for p in parts for x in p[0]], [t for p in parts for t in p[1]]
     if not images:
         raise ValueError("no samples in the eval data")
     return torch.cat(images), torch.cat(texts)
@@ -81,8 +84,7 @@ class RetrievalSettings:
 
 @EVALUATORS.register("retrieval", RetrievalSettings)
 def run_retrieval(settings: RetrievalSettings, ctx: EvalContext) -> Dict[str, Any]:
-    """Retrieval metrics of the model on the eval data, one process."""
-    loader = build_eval_loader(ctx.data_for(settings), ctx.data_cfg, ctx.transform, ctx.tokenizer,
-                               batch_size=ctx.batch_size)
+    """Retrieval metrics of the model on the eval data (every rank its shards, features gathered)."""
+    loader = ctx.loader(ctx.data_for(settings))
     modality = zeroshot_modality(ctx.model, settings.modality if settings.modality is not None else ctx.modality)
     return evaluate_retrieval(ctx.model, loader, ctx.device, progress=ctx.progress, modality=modality)

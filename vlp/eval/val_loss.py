@@ -15,11 +15,18 @@ from typing import Any, Dict
 from tqdm import tqdm
 
 from vlp import dist
-from vlp.data.stream import build_eval_loader
 from vlp.engine.step import model_inputs, objective_losses
 from vlp.eval.common import eval_mode, image_dtype
 from vlp.eval.registry import EVALUATORS, EvalContext
 from vlp.objectives.base import StepContext
+
+
+def _combine(parts):
+    sums: Dict[str, float] = {}
+    for part, _ in parts:
+        for name, total in part.items():
+            sums[name] = sums.get(name, 0.0) + total
+    return sums, sum(n for _, n in parts)
 
 
 @dataclass
@@ -33,8 +40,7 @@ def val_loss(settings: ValLossSettings, ctx: EvalContext) -> Dict[str, Any]:
     if ctx.objective is None:
         raise ValueError("val_loss needs the run's objective")
     model, objective = ctx.model, ctx.objective
-    loader = build_eval_loader(ctx.data_for(settings), ctx.data_cfg, ctx.transform, ctx.tokenizer,
-                               batch_size=ctx.batch_size)
+    loader = ctx.loader(ctx.data_for(settings))
     sums: Dict[str, float] = {}
     n = 0
     with eval_mode(model), dist.local():
@@ -48,6 +54,7 @@ def val_loss(settings: ValLossSettings, ctx: EvalContext) -> Dict[str, Any]:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * b
             n += b
+    sums, n = _combine(dist.all_gather_object((sums, n)))  # every rank summed its own shards
     if not n:
         raise ValueError("no samples in the eval data")
     return {**{name: total / n for name, total in sums.items()}, "num_samples": n}

@@ -21,8 +21,8 @@ import open_clip
 import torch
 from tqdm import tqdm
 
+from vlp import dist
 from vlp.data.shards import expand_spec
-from vlp.data.stream import build_eval_loader
 from vlp.eval.common import encode, eval_mode, zeroshot_modality
 from vlp.eval.registry import EVALUATORS, EvalContext
 
@@ -126,6 +126,14 @@ class _Tally:
         self.per_class_hits += torch.bincount(labels[hit[:, 0]], minlength=num_classes)
         self.per_class_total += torch.bincount(labels, minlength=num_classes)
 
+    def reduce(self) -> None:
+        """Add up every rank's counts (each rank tallied its own shards)."""
+        counts = torch.cat([torch.tensor([self.top1, self.topk]), self.per_class_hits, self.per_class_total])
+        counts = dist.all_reduce_sum(counts)
+        c = self.per_class_hits.numel()
+        self.top1, self.topk = int(counts[0]), int(counts[1])
+        self.per_class_hits, self.per_class_total = counts[2 : 2 + c], counts[2 + c :]
+
     def result(self) -> Dict[str, Any]:
         n = int(self.per_class_total.sum())
         if n == 0:
@@ -159,6 +167,7 @@ def evaluate_zeroshot(
                 raise ValueError(f"label {int(labels.max())} out of range for {num_classes} class names")
             features = encode(model, modality, batch[modality][keep], device)  # (b, D)
             tally.add((features @ classifier).float().cpu(), labels[keep])  # logits (b, C)
+    tally.reduce()  # every rank: the counts of all ranks' shards
     return tally.result()
 
 
@@ -185,5 +194,5 @@ def run_zeroshot(settings: ZeroshotSettings, ctx: EvalContext) -> Dict[str, Any]
         settings.templates if settings.templates is not None else ctx.templates,
     )
     classifier = zeroshot_classifier(model, ctx.tokenizer, names, prompts, ctx.device)  # (D, C)
-    loader = build_eval_loader(data_spec, ctx.data_cfg, ctx.transform, ctx.tokenizer, batch_size=ctx.batch_size)
+    loader = ctx.loader(data_spec)
     return evaluate_zeroshot(model, loader, classifier, ctx.device, progress=ctx.progress, modality=modality)

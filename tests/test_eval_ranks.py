@@ -1,0 +1,71 @@
+"""Evaluation on every rank: each rank reads its share of the shards (uneven, and a rank may
+get fewer samples), the evaluators combine the ranks' counts or features, and the result equals
+one process on the whole data. Through the real launcher: torchrun, 2 CPU processes."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import make_tiny_run
+from tests.tiny import child_env
+from vlp.cli import main
+from vlp.data.shards import write_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARDS = (6, 6, 6)  # 3 shards over 2 ranks: 12 samples on rank 0, 6 on rank 1
+BATCH = 6  # eval batches never straddle a shard: the same batches on 1 and 2 ranks (val_loss's negatives)
+
+
+def _png(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    samples = ({"__key__": f"s{i:03d}", "png": _png(i), "txt": f"a photo of thing {i % 3}", "cls": i % 3}
+               for i in range(sum(SHARDS)))
+    write_shards(root / "val", samples, SHARDS[0])
+    (root / "classnames.txt").write_text("zero\none\ntwo\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of thing {c}\nthing {c}\n")
+    data = [f"data.val={root / 'val'}", f"data.train={root / 'val'}", f"eval.batch_size={BATCH}"]
+    clip = make_tiny_run(root / "clip", data, heads={"cls": {"name": "classifier", "num_classes": 3}})
+    coca = make_tiny_run(root / "coca", data, kind="coca", coca={"caption_queries": 4, "pooler_heads": 2,
+                                                                  "layers": 1, "heads": 2})
+    return {"clip": clip, "coca": coca}
+
+
+CASES = [("zeroshot", "clip", []), ("retrieval", "clip", []), ("classify", "clip", []),
+         ("linear-probe", "clip", ["--knn-k", "3"]), ("val-loss", "clip", []),
+         ("caption", "coca", ["--strategy", "greedy", "--max-length", "4"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,run,extra", CASES, ids=[c[0] for c in CASES])
+def test_two_ranks_equal_one_process(runs, name, run, extra, capsys):
+    argv = ["eval", name, "--checkpoint", runs[run], *extra, "--json"]
+    assert main(argv) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29751", "-m", "vlp", *argv], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 prints
+    two = json.loads(lines[0])
+    assert one.get("num_samples", one.get("num_val")) in (sum(SHARDS), None)
+    for key, value in one.items():
+        if key in ("generation_seconds", "seconds_per_token"):
+            continue  # timings
+        if isinstance(value, float):  # the same features up to float32 batching noise
+            assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        else:
+            assert two[key] == value, key
