@@ -81,3 +81,9 @@ def test_shorthands_edit_the_task_list():
     cfg = load_config(None, ["eval.retrieval=true"])  # no tasks: zero-shot plus retrieval, as before tasks existed
     assert [t["name"] for t in cfg.eval.tasks] == ["zeroshot", "retrieval"]
     assert load_config(None, ["eval.zeroshot=false"]).eval.tasks == []
+
+
+def test_nested_objective_specs_are_resolved_too():
+    cfg = load_config("configs/quickstart/coca_digits.yaml")
+    inner = cfg.objective["contrastive"]
+    assert set(inner) == {"name", *(f.name for f in dataclasses.fields(OBJECTIVES.get(inner["name"]).settings))}

@@ -114,6 +114,9 @@ def resolved_spec(registry: Registry, spec: Dict[str, Any], extra: Sequence[str]
     kept = {k: spec.pop(k) for k in extra if k in spec}
     settings = registry.settings(spec)
     values = {} if settings is None else dataclasses.asdict(settings)
+    for key, value in values.items():  # a spec of the same registry inside (CoCa's contrastive objective)
+        if isinstance(value, dict) and value.get("name") in registry:
+            values[key] = resolved_spec(registry, value)
     return {"name": spec["name"], **values, **kept}
 
 
