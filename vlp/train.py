@@ -23,7 +23,6 @@ from vlp.eval import run_tasks
 from vlp.metrics import MetricsLogger
 from vlp.models import build_tokenizer, build_transforms, create_model
 from vlp.objectives import build_objective
-from vlp.rng import seed_all
 from vlp.runs import eval_context
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: sbatch --signal=USR1@120 (launch/slurm.sbatch)
@@ -92,7 +91,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        seed_all(cfg.run.seed)  # identical initial weights on every rank
+        rng.seed_all(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model).to(self.device)
         self.tokenizer = build_tokenizer(cfg.model, model)
         self.train_transform, self.eval_transform = build_transforms(cfg.model, model)
@@ -100,7 +99,7 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size)
         self.step_fn = Step(self.engine, self.objective, self.device, cfg.engine.grad_cache.chunk_size,
                             total_steps=cfg.optim.steps, seed=cfg.run.seed)
-        seed_all(cfg.run.seed + 1000 * self.info.rank + 1)  # per-rank dropout and augmentation
+        rng.seed_all(cfg.run.seed + 1000 * self.info.rank + 1)  # per-rank dropout and augmentation
 
     # --- data -----------------------------------------------------------------------
     def batches(self) -> Iterator[Dict[str, Any]]:
