@@ -1,10 +1,13 @@
 """A tiny saved run (config.yaml + one checkpoint) for eval/export/CLI tests."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from vlp.config import load_config, save_config
@@ -36,3 +39,11 @@ def make_tiny_run(tmp_path, config_overrides: Sequence[str] = (), seed: int = 0,
     with open(os.path.join(run_dir, "checkpoints", "latest"), "w") as f:
         f.write(TAG)
     return run_dir
+
+
+def noise_png(i: int, size: int = 32) -> bytes:
+    """A (size, size) RGB PNG of uniform noise seeded by ``i``: distinct, decodable sample images."""
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,17 +1,14 @@
 """Evaluation on every rank: each rank reads its share of the shards (uneven, and a rank may
 get fewer samples), the evaluators combine the ranks' counts or features, and the result equals
 one process on the whole data. Through the real launcher: torchrun, 2 CPU processes."""
-import io
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.helpers import make_tiny_run
+from tests.helpers import make_tiny_run, noise_png
 from tests.tiny import child_env
 from vlp.cli import main
 from vlp.data.shards import write_shards
@@ -21,17 +18,10 @@ SHARDS = (6, 6, 6)  # 3 shards over 2 ranks: 12 samples on rank 0, 6 on rank 1
 BATCH = 6  # eval batches never straddle a shard: the same batches on 1 and 2 ranks (val_loss's negatives)
 
 
-def _png(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ranks")
-    samples = ({"__key__": f"s{i:03d}", "png": _png(i), "txt": f"a photo of thing {i % 3}", "cls": i % 3}
+    samples = ({"__key__": f"s{i:03d}", "png": noise_png(i), "txt": f"a photo of thing {i % 3}", "cls": i % 3}
                for i in range(sum(SHARDS)))
     write_shards(root / "val", samples, SHARDS[0])
     (root / "classnames.txt").write_text("zero\none\ntwo\n")

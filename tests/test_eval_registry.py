@@ -4,13 +4,12 @@ import dataclasses
 import io
 import typing
 
-import numpy as np
 import pytest
 import torch
 from open_clip.loss import ClipLoss
 from PIL import Image
 
-from tests.helpers import make_tiny_run
+from tests.helpers import make_tiny_run, noise_png
 from vlp.cli import build_parser, main
 from vlp.data.shards import write_shards
 from vlp.eval import EVALUATORS, run_tasks
@@ -18,17 +17,10 @@ from vlp.objectives import build_objective
 from vlp.runs import eval_context, load_model_from_run
 
 
-def _png(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def run_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("evreg")
-    write_shards(root / "val", ({"__key__": f"v{i:03d}", "png": _png(i), "txt": f"a photo of thing {i % 3}",
+    write_shards(root / "val", ({"__key__": f"v{i:03d}", "png": noise_png(i), "txt": f"a photo of thing {i % 3}",
                                  "cls": i % 3} for i in range(20)), 7)
     (root / "classnames.txt").write_text("zero\none\ntwo\n")
     (root / "zeroshot_classification_templates.txt").write_text("a photo of thing {c}\n")
@@ -68,7 +60,7 @@ def test_val_loss_equals_open_clip_clip_loss(run_and_data, batch_size):
     ctx = eval_context(cfg, model, tokenizer, transform, objective=build_objective(cfg.objective))
     got = run_tasks([{"name": "val_loss"}], ctx)
     # reference: open_clip's ClipLoss on each eval batch (in shard order), weighted by its size
-    images = torch.stack([transform(Image.open(io.BytesIO(_png(i))).convert("RGB")) for i in range(20)])
+    images = torch.stack([transform(Image.open(io.BytesIO(noise_png(i))).convert("RGB")) for i in range(20)])
     texts = tokenizer([f"a photo of thing {i % 3}" for i in range(20)])
     with torch.no_grad():
         x = model.encode_image(images, normalize=True).double()
