@@ -27,7 +27,7 @@ from vlp.registry import field_comments
 from vlp.runs import eval_context, load_model_from_recipe, load_model_from_run, read_tasks, task_weights
 
 CHECKPOINT_HELP = "RUN_DIR (its latest checkpoint), a checkpoint tag dir or a model.safetensors"
-COMMON = ("data",)  # settings fields served by the common options
+COMMON = ("data",)  # settings fields served by the common options (never an option of their own)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         doc = (entry.builder.__doc__ or name).strip().splitlines()[0]
         p = tasks.add_parser(name.replace("_", "-"), help=doc, description=doc)
         _add_common(p)
-        _add_settings(p, entry.settings)
+        add_settings_options(p, entry.settings)
         p.set_defaults(func=_evaluate, evaluator=name)
     _add_continual_parser(tasks)
     return parser
@@ -55,22 +55,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a readable line")
 
 
-def _add_settings(p: argparse.ArgumentParser, settings: type) -> None:
-    """One option per settings field; ``dest`` is ``setting_<field>`` (collected by ``_settings``)."""
+def add_settings_options(p: argparse.ArgumentParser, settings: type, skip=()) -> None:
+    """One option per settings field (but ``skip``); ``dest`` is ``setting_<field>`` (``settings_values``)."""
     hints = typing.get_type_hints(settings)
     helps = field_comments(settings)
     for f in dataclasses.fields(settings):
-        if f.name in COMMON:
+        if f.name in COMMON or f.name in skip:
             continue
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", ())]
         kind = _scalar(hints[f.name])
         dest, text = f"setting_{f.name}", helps.get(f.name) or f.name
-        if kind is bool:
-            action = "store_false" if f.default is True else "store_true"
-            p.add_argument(*flags[-1:] if f.default is True else flags, dest=dest, action=action, default=f.default,
-                           help=text)
+        if kind is bool:  # a flag; one that is on by default is turned off by its last alias (--no-cache)
+            on = f.default is True
+            p.add_argument(*flags[-1:] if on else flags, dest=dest, action="store_false" if on else "store_true",
+                           default=f.default, help=f"turn off: {text}" if on else text)
         else:
-            p.add_argument(*flags, dest=dest, type=kind, default=f.default,
+            p.add_argument(*flags, dest=dest, type=kind, default=f.default, metavar=f.name.upper(),
                            help=f"{text} (default: {f.default})" if f.default is not None else text)
 
 
@@ -81,10 +81,13 @@ def _scalar(hint) -> type:
     return hint if hint in (int, float, bool) else str
 
 
+def settings_values(args) -> Dict[str, Any]:
+    """The values of the options ``add_settings_options`` added."""
+    return {k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_")}
+
+
 def _settings(args) -> Dict[str, Any]:
-    spec = {"name": args.evaluator}
-    spec.update({k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_")})
-    return spec
+    return {"name": args.evaluator, **settings_values(args)}
 
 
 def _device(args) -> str:

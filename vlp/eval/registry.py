@@ -54,10 +54,10 @@ class EvalContext:
     rank: int = 0  # this process's share of the eval data (every rank evaluates, results are combined)
     world_size: int = 1
 
-    def loader(self, spec: Any, data_cfg: Optional[DataConfig] = None, tokenizer: Optional[Callable] = None):
+    def loader(self, spec: Any):
         """One ordered pass over this rank's shards of ``spec`` (eval transform, ``batch_size``)."""
-        return build_eval_loader(spec, data_cfg or self.data_cfg, self.transform, tokenizer or self.tokenizer,
-                                 batch_size=self.batch_size, rank=self.rank, world_size=self.world_size)
+        return build_eval_loader(spec, self.data_cfg, self.transform, self.tokenizer, batch_size=self.batch_size,
+                                 rank=self.rank, world_size=self.world_size)
 
     def data_for(self, settings: Any) -> Any:
         """The settings' own ``data`` when given, else the context's."""
