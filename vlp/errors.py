@@ -1,5 +1,6 @@
-"""Errors a run ends with that are not bad input (those are ValueError / FileNotFoundError,
-exit 2): the ``vlp`` command reports these in one line and exits 1."""
+"""Errors a run ends with. Bad input is a ValueError or FileNotFoundError (a damaged checkpoint
+too: ``CheckpointDamaged``), which the ``vlp`` command reports in one line with exit code 2;
+the others here are reported in one line with exit code 1. docs/errors.md has the whole list."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -8,3 +9,14 @@ class TrainingDiverged(RuntimeError):
 
 class PeerFailure(RuntimeError):
     """A collective failed: another rank died or did not answer within the timeout."""
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint file is missing, truncated or differs from the checksum recorded at save."""
+
+
+class CheckpointWriteFailed(Exception):
+    """Writing a checkpoint failed (disk full, permission): the previous one is still ``latest``.
+
+    Not an OSError or RuntimeError, so that no handler of those (a failed collective is a
+    RuntimeError) mistakes it for something else."""

@@ -124,7 +124,16 @@ def bench_step(batch_size: int = 128, repeats: int = 20, warmup: int = 3) -> Dic
     }
 
 
+def _at_least(args, low: int, *names: str) -> None:
+    """Bad option values as one-line errors before any work (``--batch-size 0``)."""
+    for name in names:
+        value = getattr(args, name)
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def _run_step(args) -> int:
+    _at_least(args, 1, "batch_size", "repeats")
     result = bench_step(args.batch_size, args.repeats)
     if args.json:
         print(json.dumps(result))
@@ -275,6 +284,7 @@ def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: i
 
 
 def _run_loss(args) -> int:
+    _at_least(args, 1, "batch", "dim", "repeats", "tile_size")
     r = bench_loss(args.batch, args.dim, args.repeats, args.tile_size, args.device)
     if args.json:
         print(json.dumps(r))
@@ -347,7 +357,14 @@ def bench_gradcache(batches=(64, 128, 256, 512, 1024), chunk: int = 64, overhead
 
 
 def _run_gradcache(args) -> int:
-    batches = tuple(int(b) for b in args.batches.split(","))
+    _at_least(args, 1, "chunk_size", "overhead_batch")
+    _at_least(args, 0, "repeats")
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise ValueError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+    if min(batches) < 1:
+        raise ValueError(f"--batches must all be >= 1, got {args.batches!r}")
     r = bench_gradcache(batches, args.chunk_size, args.overhead_batch, args.repeats)
     if args.json:
         print(json.dumps(r))

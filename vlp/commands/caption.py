@@ -57,6 +57,12 @@ def _caption(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     settings = CaptionSettings(**settings_values(args))
+    for path in args.images:  # an unreadable image before the model is loaded, not after
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"cannot read image {path}: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _, model, tokenizer, transform = load_model_from_run(args.checkpoint, device=device)
     if not hasattr(model, "text_decoder"):

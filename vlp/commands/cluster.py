@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlp import dist
+from vlp.config import check_shards
 from vlp.data.clusters import assign_nearest, spherical_kmeans, write_outputs
 from vlp.data.stream import build_loader
 from vlp.eval.common import image_dtype
@@ -67,6 +69,12 @@ def _gather_to_rank0(feats: torch.Tensor, keys: List[str]):
 def run_cluster(args) -> Optional[Dict]:
     if args.k < 1 or args.positives < 1 or args.positives > args.k:
         raise ValueError(f"need --k >= 1 and 1 <= --positives <= --k, got --k {args.k} --positives {args.positives}")
+    for name, low in (("batch_size", 1), ("chunk_size", 1), ("iters", 1), ("workers", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    check_shards("--data", args.data)  # missing, empty or non-tar shards: before the model is loaded
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder")
     info = dist.init_distributed() if dist.env_info().world_size > 1 else dist.DistInfo()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, transform, data_cfg = load_image_model(args.checkpoint, args.open_clip, args.config)

@@ -20,6 +20,10 @@
 master copy in the DeepSpeed ZeRO 1-3 optimizer shards of the checkpoint, consolidated
 by DeepSpeed's ``zero_to_fp32``, instead of ``model.safetensors``, which holds the 16-bit
 weights after bf16/fp16 training. docs/export.md has the details.
+
+Every file read is first checked against the checksums its checkpoint recorded at save
+(``vlp/engine/checkpoint.py``): a damaged one is a one-line error naming it, before
+anything is written to the output folder.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from timm.models.vision_transformer import _convert_openai_clip
 from transformers import PreTrainedModel
 
 from vlp.config import save_config
+from vlp.engine import checkpoint
 from vlp.engine.checkpoint import MODEL_FILE
 from vlp.engine.deepspeed_engine import quiet_deepspeed
 from vlp.models.factory import preprocess_cfg
@@ -75,6 +80,7 @@ def zero_fp32_state_dict(run_or_file: str):
             f"--fp32-from-zero needs a DeepSpeed ZeRO 1-3 checkpoint (RUN_DIR or RUN_DIR/checkpoints/step_N); "
             f"{tag_dir} has no *_optim_states.pt shards (a ZeRO-0 run or an export folder: use it without the flag)"
         )
+    checkpoint.verify(tag_dir)  # every shard DeepSpeed's reader opens, against the checksums of the save
     quiet_deepspeed()
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout is the output folder
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # after quiet_deepspeed
@@ -293,6 +299,8 @@ def export_hf(run_or_file: str, out_dir: str, fp32_from_zero: bool = False) -> s
 def export(run_or_file: str, fmt: str, out_dir: str, fp32_from_zero: bool = False) -> str:
     if not os.path.exists(run_or_file):
         raise FileNotFoundError(f"checkpoint not found: {run_or_file}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
     return EXPORT_FORMATS.get(fmt).builder(run_or_file, out_dir, fp32_from_zero=fp32_from_zero)
 
 

@@ -1,8 +1,9 @@
 """``vlp train RECIPE [key=value ...]``: a run from a YAML recipe plus dotted overrides.
 
-A config with ``continual.tasks`` trains class-incrementally (``vlp/continual.py``);
-otherwise the plain ``Trainer`` (``vlp/train.py``). Prints the final metrics as one JSON
-line on rank 0.
+The whole config is checked first (``vlp.config.check_run``: value ranges, names, every input
+path, a pretrained checkpoint's fit), before any process group, model or engine exists. A
+config with ``continual.tasks`` trains class-incrementally (``vlp/continual.py``); otherwise
+the plain ``Trainer`` (``vlp/train.py``). Prints the final metrics as one JSON line on rank 0.
 """
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import argparse
 import json
 
 from vlp import dist
-from vlp.config import Config, load_config
+from vlp.config import Config, check_run, load_config
 from vlp.continual import ContinualTrainer
 from vlp.train import Trainer, run
 
 
 def train(cfg: Config) -> dict:
     """Train ``cfg`` to the end (resuming from its run folder); the final metrics."""
+    check_run(cfg)
     trainer = ContinualTrainer(cfg) if cfg.continual.tasks else Trainer(cfg)
     return run(trainer)
 
