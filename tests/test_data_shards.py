@@ -61,7 +61,7 @@ def test_digits_zeroshot_files(digits):
 def test_digits_are_reproducible(digits, tmp_path):
     out, _ = digits
     write_digits(tmp_path, size=24, shard_size=400)
-    assert (tmp_path / "val/shard-000000.tar").read_bytes() == (out / "val/shard-000000.tar").read_bytes()
+    assert (tmp_path / "val/0.tar").read_bytes() == (out / "val/0.tar").read_bytes()
 
 
 def test_verify_clean_shards(digits):

@@ -362,7 +362,7 @@ def test_cli_eval_zeroshot_json(digits, digits_run, capsys):
     argv.append("--json")
     assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {"top1", "top5", "mean_per_class_recall", "num_samples"}
+    assert set(metrics) == {"top1", "top5", "mean_per_class_recall", "num_samples", "acc1", "acc5"}
     assert metrics["num_samples"] == n_val
 
 

@@ -31,7 +31,7 @@ def test_eval_subcommands_come_from_the_registry():
     parser = build_parser("eval")
     sub = next(a for a in parser._actions if a.dest == "command").choices["eval"]
     tasks = next(a for a in sub._actions if a.dest == "eval_task").choices
-    assert set(tasks) == {n.replace("_", "-") for n in EVALUATORS.list()} | {"continual"}
+    assert set(tasks) == {n.replace("_", "-") for n in EVALUATORS.list()} | {"continual", "suite"}
     for name in EVALUATORS.list():
         options = {o for a in tasks[name.replace("_", "-")]._actions for o in a.option_strings}
         settings = EVALUATORS.get(name).settings

@@ -6,6 +6,9 @@ metadata adds aliases, e.g. ``--C`` or ``--no-cache``), with the field's comment
 Every subcommand also takes the model (``--checkpoint RUN_DIR`` or ``--config RECIPE``: the
 recipe's model at random init), ``--data`` (default: the run's data.val), ``--batch-size``,
 ``--device`` and ``--json``.
+
+``vlp eval suite --model M [M ...] --datasets FILE [--out DIR] [--json]`` runs zero-shot,
+retrieval and linear probe over a list of datasets for each model (``vlp/eval/suite.py``).
 """
 from __future__ import annotations
 
@@ -20,8 +23,19 @@ from typing import Any, Dict
 import torch
 
 from vlp import dist
+from vlp.data.config import DataConfig
 from vlp.eval import EVALUATORS, run_evaluator
 from vlp.eval.continual import METRICS, run_continual_eval
+from vlp.eval.suite import (
+    SuiteModel,
+    evaluate_suite,
+    format_table,
+    is_open_clip_model,
+    load_open_clip,
+    model_names,
+    read_datasets,
+    write_suite,
+)
 from vlp.objectives import build_objective
 from vlp.registry import field_comments
 from vlp.runs import eval_context, load_model_from_recipe, load_model_from_run, read_tasks, task_weights
@@ -32,8 +46,9 @@ COMMON = ("data",)  # settings fields served by the common options (never an opt
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     names = [name.replace("_", "-") for name in EVALUATORS.list()]
-    parser = subparsers.add_parser("eval", help=f"evaluate a checkpoint: {', '.join(names)}, continual")
-    tasks = parser.add_subparsers(dest="eval_task", required=True, metavar="{" + ",".join(names + ["continual"]) + "}")
+    parser = subparsers.add_parser("eval", help=f"evaluate a checkpoint: {', '.join(names)}, continual, suite")
+    tasks = parser.add_subparsers(dest="eval_task", required=True,
+                                  metavar="{" + ",".join(names + ["continual", "suite"]) + "}")
     for name in EVALUATORS.list():
         entry = EVALUATORS.get(name)
         doc = (entry.builder.__doc__ or name).strip().splitlines()[0]
@@ -42,6 +57,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         add_settings_options(p, entry.settings)
         p.set_defaults(func=_evaluate, evaluator=name)
     _add_continual_parser(tasks)
+    _add_suite_parser(tasks)
     return parser
 
 
@@ -141,6 +157,8 @@ def _print(args, metrics: Dict[str, Any], cfg) -> None:
         return
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     where = getattr(args, "setting_val", None) or args.data or cfg.data.val
+    if getattr(args, "setting_split", None):
+        where = f"{where} (split {args.setting_split})"
     print(f"{args.eval_task} on {where}: {shown}  (n={metrics.get('num_samples', metrics.get('num_val'))})")
     for example in metrics.get("examples", []):
         print(f"  label {example['label']}: {example['caption']}")
@@ -181,4 +199,72 @@ def _continual(args) -> int:
         per_task = " ".join(f"{a:.3f}" for a in m["accuracy"])
         print(f"  {name}: average_accuracy {m['average_accuracy']:.4f}  final_accuracy {m['final_accuracy']:.4f}  "
               f"average_forgetting {m['average_forgetting']:.4f}  (accuracy after each task: {per_task})")
+    return 0
+
+
+# ---- vlp eval suite: several models over a list of datasets, one table ----------------------------
+
+
+def _add_suite_parser(tasks) -> None:
+    st = tasks.add_parser("suite", help="zero-shot, retrieval and linear probe of models over a datasets file",
+                          description="zero-shot, retrieval and linear probe of models over a datasets file "
+                                      "(one dataset per line: DATA [TASK] [key=value ...]; docs/eval.md)")
+    st.add_argument("--model", required=True, nargs="+", action="extend",
+                    help="RUN_DIR (or a checkpoint / safetensors export), an open_clip export folder, or "
+                         "open_clip:NAME[:PRETRAINED]; several: one row each")
+    st.add_argument("--datasets", required=True, help="one dataset per line: DATA [TASK] [key=value ...]")
+    st.add_argument("--dataset-root", help="where wds/NAME lines live: a folder template with {dataset} or "
+                    "{dataset_cleaned}, as clip_benchmark's --dataset_root")
+    st.add_argument("--out", default="eval_suite", help="folder for suite.json, suite.csv, suite.png "
+                    "(default: %(default)s)")
+    st.add_argument("--batch-size", type=int, default=256, help="eval batch size (default: %(default)s)")
+    st.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
+    st.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    st.add_argument("--json", action="store_true", help="print the JSON report instead of a readable table")
+    st.set_defaults(func=_suite)
+
+
+def _suite_model(spec: str, name: str, device: str) -> SuiteModel:
+    if is_open_clip_model(spec):
+        model, tokenizer, transform = load_open_clip(spec, device)
+        return SuiteModel(name, model, tokenizer, transform)
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"model not found: {spec} (a run folder, an export folder or open_clip:NAME)")
+    _, model, tokenizer, transform = load_model_from_run(spec, device=device)
+    return SuiteModel(name, model, tokenizer, transform)
+
+
+def _suite(args) -> int:
+    """Every model on every dataset; over a launcher every rank evaluates its share, rank 0 writes."""
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
+    datasets = read_datasets(args.datasets, args.dataset_root)  # checked before any model loads
+    distributed = dist.env_info().world_size > 1
+    if distributed:
+        info = dist.init_distributed()
+        args.device = args.device or str(dist.device_for(info))
+    device = _device(args)
+    main_rank = dist.env_info().rank == 0
+    say = (lambda text: print(text, file=sys.stderr)) if main_rank and not args.json else None  # noqa: E731
+    results = {}
+    try:
+        for spec, name in zip(args.model, model_names(args.model)):
+            model = _suite_model(spec, name, device)
+            results[name] = evaluate_suite(model, datasets, DataConfig(workers=args.workers), device,
+                                           args.batch_size, dist.rank(), dist.world_size(),
+                                           progress=sys.stderr.isatty() and main_rank, log=say)
+    finally:
+        if distributed:
+            dist.shutdown()
+    if not main_rank:
+        return 0
+    report = write_suite(results, datasets, args.out)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(format_table(results, datasets))
+    files = report["files"]
+    print(f"wrote {files['csv']}, {files['json']}" + (f", {files['png']}" if files["png"] else ""))
+    if "note" in report:
+        print(report["note"])
     return 0

@@ -1,4 +1,6 @@
-"""Built-in datasets, by name: each writes its shards (and zero-shot files) into a folder.
+"""Built-in datasets, by name: each writes its shards (and zero-shot files) into a folder, in
+clip_benchmark's layout where it can (``DIR/train``, ``DIR/val``: split folders written by
+``vlp.data.shards.write_split``, ``0.tar ...`` + ``nshards.txt``; ``vlp/data/clip_benchmark.py``).
 
 ``vlp data NAME --out DIR`` is generated for every entry, so adding a dataset here adds
 its command. A builder takes the output folder and returns counts to print.

@@ -1,10 +1,11 @@
 """The built-in quickstart dataset: scikit-learn's 8x8 handwritten digits as WebDataset shards.
 
 1797 real scans (UCI optdigits) need no download, write in about a second, and are enough
-for a CPU run to learn zero-shot classification. Layout (clip_benchmark's webdataset one)::
+for a CPU run to learn zero-shot classification. Layout (clip_benchmark's webdataset one:
+``clip_benchmark eval --dataset wds/digits --dataset_root out --split val`` reads it as is)::
 
-    out/train/shard-000000.tar ...   training split
-    out/val/shard-000000.tar ...     held-out images, every class present
+    out/train/0.tar ... nshards.txt  training split (the folder is a shard spec: data/digits/train)
+    out/val/0.tar ... nshards.txt    held-out images, every class present
     out/classnames.txt               "zero" ... "nine", one per line (label order)
     out/zeroshot_classification_templates.txt   prompts with a {c} placeholder
 
@@ -21,7 +22,7 @@ from typing import Dict, Iterator
 import numpy as np
 from PIL import Image
 
-from vlp.data.shards import write_shards
+from vlp.data.shards import write_split
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -75,7 +76,7 @@ def write_digits(
     for split, idx in splits:
         rng = random.Random(f"{seed}-{split}")  # str seeds are hashed stably (sha512), unlike hash()
         samples = _samples(digits.images[idx], digits.target[idx], idx, size, rng)
-        shards = write_shards(out / split, samples, shard_size)
+        shards = write_split(out / split, samples, shard_size)
         counts[split], counts[f"{split}_shards"] = len(idx), len(shards)
     (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (out / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")

@@ -19,10 +19,10 @@ digit-recognition accuracy (no ink noise). The texts share information with the 
 
 Layout (as ``vlp data digits``)::
 
-    out/train/shard-*.tar, out/val/shard-*.tar    png, txt, cls; the train/val split is the
-                                                  digits one (by scan, stratified, seed 0)
-    out/classnames.txt                            "zero in red ink" ... "nine in blue ink" (label order)
-    out/zeroshot_classification_templates.txt     image-only zero-shot is capped at ½ here
+    out/{train,val}/0.tar ... nshards.txt       png, txt, cls; the train/val split is the
+                                                digits one (by scan, stratified, seed 0)
+    out/classnames.txt                          "zero in red ink" ... "nine in blue ink" (label order)
+    out/zeroshot_classification_templates.txt   image-only zero-shot is capped at ½ here
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Dict, Iterator
 
 from vlp.data.digits import CLASSNAMES as DIGIT_NAMES
 from vlp.data.digits import ZEROSHOT_TEMPLATES, _png, digits_splits
-from vlp.data.shards import write_shards
+from vlp.data.shards import write_split
 
 INKS = ["red", "blue"]
 CLASSNAMES = [f"{w} in {ink} ink" for ink in INKS for w in DIGIT_NAMES]  # label = d + 10·ink
@@ -60,7 +60,7 @@ def write_digits_multimodal(
     for split, idx in splits:
         rng = random.Random(f"multimodal-{seed}-{split}")  # str seeds hash stably
         samples = _samples(digits.images, digits.target, idx, size, copies, hint_prob, hint_accuracy, rng)
-        shards = write_shards(out / split, samples, shard_size)
+        shards = write_split(out / split, samples, shard_size)
         counts[split], counts[f"{split}_shards"] = len(idx) * copies, len(shards)
     (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (out / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")

@@ -3,7 +3,8 @@
 A *shard spec* names tar shards in one of these forms:
 
 - a brace pattern ``"data/train/shard-{000000..000009}.tar"`` (every file must exist),
-- a folder: all its ``*.tar`` files, sorted,
+- a folder: all its ``*.tar`` files, sorted; a clip_benchmark split folder (one with an
+  ``nshards.txt``) names exactly its ``0.tar`` ... ``N-1.tar``, in that order,
 - a ``pipe:`` command or a URL (``s3://``, ``https://``...): brace-expanded, passed through,
 - a list of any of these.
 
@@ -26,6 +27,8 @@ from vlp.data.audio import decode
 from vlp.data.config import DataConfig
 
 SHARD_NAME = "shard-%06d.tar"
+SPLIT_SHARD_NAME = "%d.tar"  # clip_benchmark's shard names in a split folder
+NSHARDS_FILE = "nshards.txt"  # clip_benchmark: the number of shards of a split folder
 
 
 def expand_spec(spec: Any) -> List[str]:
@@ -40,6 +43,8 @@ def expand_spec(spec: Any) -> List[str]:
     if spec.startswith("pipe:") or "://" in spec:
         return list(braceexpand.braceexpand(spec))  # remote: existence is checked on read
     path = os.path.expanduser(spec)
+    if os.path.isfile(os.path.join(path, NSHARDS_FILE)):
+        return split_shards(path)
     if os.path.isdir(path):
         urls = sorted(str(p) for p in Path(path).glob("*.tar"))
         if not urls:
@@ -52,6 +57,43 @@ def expand_spec(spec: Any) -> List[str]:
     if missing:
         raise ValueError(f"shard spec {spec!r}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]!r}")
     return urls
+
+
+def split_shards(folder: str) -> List[str]:
+    """``folder/0.tar`` ... ``folder/N-1.tar`` of a clip_benchmark split folder (N from its ``nshards.txt``);
+    ValueError if the count is not a positive integer or a shard is missing."""
+    text = Path(folder, NSHARDS_FILE).read_text().strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{os.path.join(folder, NSHARDS_FILE)} must hold a positive number of shards, got {text!r}")
+    urls = [os.path.join(folder, SPLIT_SHARD_NAME % i) for i in range(int(text))]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise ValueError(f"split folder {folder!r}: {NSHARDS_FILE} says {len(urls)} shards but "
+                         f"{len(missing)} are missing, e.g. {os.path.basename(missing[0])!r}")
+    return urls
+
+
+def write_split(folder: str | Path, samples: Iterable[Dict[str, Any]], shard_size: int) -> List[str]:
+    """Write ``samples`` as a clip_benchmark split folder: ``folder/0.tar``, ``1.tar``, ... (at most
+    ``shard_size`` samples each) and ``folder/nshards.txt``; returns the shard paths.
+
+    Earlier shards in ``folder`` (``N.tar`` and ``shard-*.tar``) are removed first, as by ``write_shards``.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.tar"):
+        if stale.stem.isdigit() or stale.name.startswith("shard-"):
+            stale.unlink()
+    (folder / NSHARDS_FILE).unlink(missing_ok=True)
+    written: List[str] = []
+    with wds.ShardWriter(str(folder / SPLIT_SHARD_NAME), maxcount=shard_size, verbose=0, post=written.append,
+                         mtime=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    (folder / NSHARDS_FILE).write_text(f"{len(written)}\n")
+    return written
 
 
 def write_shards(folder: str | Path, samples: Iterable[Dict[str, Any]], shard_size: int) -> List[str]:

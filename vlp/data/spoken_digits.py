@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 from vlp.data.digits import CLASSNAMES
-from vlp.data.shards import write_shards
+from vlp.data.shards import write_split
 
 VOICES = ("en", "en-us", "en+f3", "en+m3", "en+f4", "en-gb-scotland")
 SPEEDS = (120, 150, 180, 210)  # words per minute
@@ -65,7 +65,7 @@ def write_spoken_digits(
     for split in ("train", "val"):
         chosen = [r for r in renditions if (r[3] == val_pitch) == (split == "val")]
         random.Random(f"{seed}-{split}").shuffle(chosen)  # classes interleaved across shards
-        shards = write_shards(out / split, _samples(split, chosen, program, random.Random(seed)), shard_size)
+        shards = write_split(out / split, _samples(split, chosen, program, random.Random(seed)), shard_size)
         counts[split], counts[f"{split}_shards"] = len(chosen), len(shards)
     (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (out / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")

@@ -14,8 +14,8 @@ phases, a small frequency offset (within the ±1.5 % a DTMF receiver accepts) an
 noise (a random SNR), so no two samples are equal and the held-out split is new audio.
 Layout (as ``vlp data digits``, clip_benchmark's webdataset one)::
 
-    out/train/shard-000000.tar ...   training split
-    out/val/shard-000000.tar ...     held-out clips, every class equally often
+    out/train/0.tar ... nshards.txt  training split
+    out/val/0.tar ... nshards.txt    held-out clips, every class equally often
     out/classnames.txt               "zero" ... "nine", one per line (label order)
     out/zeroshot_classification_templates.txt   prompts with a {c} placeholder
 
@@ -31,7 +31,7 @@ from typing import Dict, Iterator, Tuple
 import numpy as np
 
 from vlp.data.digits import CLASSNAMES
-from vlp.data.shards import write_shards
+from vlp.data.shards import write_split
 
 ROWS = (697.0, 770.0, 852.0, 941.0)  # Hz
 COLUMNS = (1209.0, 1336.0, 1477.0)  # Hz
@@ -108,7 +108,7 @@ def write_tones(
     counts = {}
     for i, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
         rng = np.random.default_rng([seed, i])  # the val clips are drawn from their own stream
-        shards = write_shards(out / split, _samples(split, per_class, rng), shard_size)
+        shards = write_split(out / split, _samples(split, per_class, rng), shard_size)
         counts[split], counts[f"{split}_shards"] = 10 * per_class, len(shards)
     (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (out / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")

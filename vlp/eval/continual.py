@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from vlp.data.stream import build_eval_loader
+from vlp.data.clip_benchmark import eval_loader, resolve_split
 from vlp.eval.common import eval_mode, image_dtype
 from vlp.eval.zeroshot import read_classnames_templates, zeroshot_classifier
 
@@ -103,14 +103,14 @@ def run_continual_eval(
     n = 0
     for t in tqdm(range(done), desc="tasks", unit="task", disable=not progress):
         cfg, model, tokenizer, eval_transform = load(t)
-        data = data_spec if data_spec is not None else cfg.data.val
+        data = resolve_split(data_spec if data_spec is not None else cfg.data.val)  # a dataset root: its test
         names, prompts = read_classnames_templates(
             data, classnames if classnames is not None else cfg.eval.classnames,
             templates if templates is not None else cfg.eval.templates,
         )
         if max(classes) >= len(names):
             raise ValueError(f"the run's tasks use class {max(classes)} but there are {len(names)} class names")
-        loader = build_eval_loader(data, cfg.data, eval_transform, tokenizer, batch_size or cfg.eval.batch_size)
+        loader = eval_loader(data, cfg.data, eval_transform, tokenizer, batch_size or cfg.eval.batch_size)
         feats, head_logits, labels = _features(model, loader, modality, classes, device, progress)
         n = len(labels)
         logits = {"zeroshot": feats @ zeroshot_classifier(model, tokenizer, names, prompts, device).float().cpu()}

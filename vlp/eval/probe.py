@@ -1,7 +1,9 @@
 """Linear probe and kNN accuracy of frozen image features.
 
 ``vlp eval linear-probe --checkpoint RUN_DIR --train DIR/train --val DIR/val [--json]``, or
-``{name: linear_probe, train: DIR/train}`` in ``eval.tasks``.
+``{name: linear_probe, train: DIR/train}`` in ``eval.tasks``. The data may be shards, image
+folders (``vlp/data/folders.py``) or clip_benchmark dataset roots: ``--train ROOT --val ROOT``
+fits on ``ROOT/train`` (``--train-split``) and scores ``ROOT/test`` (``--split``).
 
 Features: the image tower's unit-norm embedding (``encode_image``) of every sample
 (eval transform, no augmentation). Linear probe: scikit-learn's ``LogisticRegression``
@@ -16,14 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from vlp import dist
-from vlp.data.stream import build_eval_loader
+from vlp.data.clip_benchmark import eval_loader, is_dataset_root, resolve_split
+from vlp.data.folders import folder_classes, is_image_folder
 from vlp.eval.common import eval_mode, image_dtype
 from vlp.eval.registry import EVALUATORS, EvalContext
 
@@ -81,8 +84,8 @@ def run_linear_probe(model, eval_transform, data_cfg, train_spec: Any, val_spec:
     no_text = lambda texts: torch.zeros(1, 1, dtype=torch.long)  # noqa: E731  captions are not used
 
     def features(spec):
-        loader = build_eval_loader(spec, data_cfg, eval_transform, no_text, batch_size=batch_size, rank=rank,
-                                   world_size=world_size)
+        loader = eval_loader(spec, data_cfg, eval_transform, no_text, batch_size=batch_size, rank=rank,
+                             world_size=world_size)
         return extract_features(model, loader, device, progress)
 
     train_x, train_y = features(train_spec)
@@ -99,8 +102,10 @@ def run_linear_probe(model, eval_transform, data_cfg, train_spec: Any, val_spec:
 
 @dataclass
 class LinearProbeSettings:
-    train: Any = None  # labelled shards the probe is fitted on; default: the run's data.train
-    val: Any = None  # labelled shards the accuracy is measured on; default: the eval data (data.val / --data)
+    train: Any = None  # labelled data (shards, image folder, dataset root) the probe is fitted on; default data.train
+    val: Any = None  # labelled data the accuracy is measured on; default: the eval data (data.val / --data)
+    split: Optional[str] = None  # the split of a clip_benchmark dataset root given as val (default: test)
+    train_split: str = "train"  # the split of a clip_benchmark dataset root given as train
     c: float = field(default=1.0, metadata={"flags": ["--C"]})  # inverse L2 strength of the logistic regression
     knn_k: int = 20  # neighbours of the kNN classifier
 
@@ -111,7 +116,10 @@ def linear_probe(settings: LinearProbeSettings, ctx: EvalContext) -> Dict[str, A
     train = settings.train if settings.train is not None else ctx.train_data
     if not train:
         raise ValueError("linear_probe needs train: the labelled shards the probe is fitted on (--train)")
-    val = settings.val if settings.val is not None else ctx.data_for(settings)
+    val = resolve_split(settings.val, settings.split) if settings.val is not None else ctx.data_for(settings)
+    train = resolve_split(train, settings.train_split) if is_dataset_root(train) else train
+    if is_image_folder(train) and is_image_folder(val) and folder_classes(train) != folder_classes(val):
+        raise ValueError(f"the image folders {train} and {val} have different class folders (labels would differ)")
     return run_linear_probe(ctx.model, ctx.transform, ctx.data_cfg, train, val, ctx.device,
                             ctx.batch_size, settings.c, settings.knn_k, progress=ctx.progress,
                             rank=ctx.rank, world_size=ctx.world_size)

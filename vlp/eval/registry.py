@@ -7,7 +7,10 @@
 left it; evaluators switch to eval mode and restore it), its tokenizer and eval image
 transform, the run's data settings, the default eval data (``data.val`` in training,
 ``--data`` on the command line), the device, the batch size, the objective (``val_loss``)
-and the zero-shot modality. A setting named ``data`` overrides the default eval data.
+and the zero-shot modality. A setting named ``data`` overrides the default eval data, and one
+named ``split`` picks a split of a clip_benchmark dataset root (``vlp/data/clip_benchmark.py``).
+The eval data is any layout ``eval_loader`` reads: shards, a clip_benchmark split folder, an
+image folder.
 
 Every rank evaluates (``ctx.rank`` of ``ctx.world_size``): ``ctx.loader(spec)`` reads this
 rank's shards, so each sample is read by exactly one rank, and each evaluator combines the
@@ -17,8 +20,8 @@ single process gets on the whole data. Every rank runs the same evaluators in th
 The trainer runs the list ``eval.tasks`` every ``eval.every_steps`` and at the end
 (``run_tasks``), prefixing each metric with the task's name; ``vlp eval NAME`` is
 generated from this registry (``vlp/commands/eval.py``): one option per settings field.
-The evaluators register from ``vlp/eval/evaluators.py``; ``EVALUATORS`` is complete once
-``vlp.eval`` is imported.
+The evaluators register from their modules, which ``vlp/eval/__init__.py`` imports;
+``EVALUATORS`` is complete once ``vlp.eval`` is imported.
 """
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
+from vlp.data.clip_benchmark import eval_loader, resolve_split
 from vlp.data.config import DataConfig
-from vlp.data.stream import build_eval_loader
 from vlp.objectives.base import Objective
 from vlp.registry import Registry
 
@@ -55,17 +58,18 @@ class EvalContext:
     world_size: int = 1
 
     def loader(self, spec: Any):
-        """One ordered pass over this rank's shards of ``spec`` (eval transform, ``batch_size``)."""
-        return build_eval_loader(spec, self.data_cfg, self.transform, self.tokenizer, batch_size=self.batch_size,
-                                 rank=self.rank, world_size=self.world_size)
+        """One ordered pass over this rank's share of ``spec`` (eval transform, ``batch_size``)."""
+        return eval_loader(spec, self.data_cfg, self.transform, self.tokenizer, batch_size=self.batch_size,
+                           rank=self.rank, world_size=self.world_size)
 
     def data_for(self, settings: Any) -> Any:
-        """The settings' own ``data`` when given, else the context's."""
+        """The settings' own ``data`` when given, else the context's; of a dataset root, the settings'
+        ``split`` (default ``test``)."""
         data = getattr(settings, "data", None)
         data = self.data if data is None else data
         if not data:
             raise ValueError("no eval data: set data.val (training) or pass --data")
-        return data
+        return resolve_split(data, getattr(settings, "split", None))
 
 
 def run_evaluator(spec: Mapping[str, Any], ctx: EvalContext) -> Dict[str, Any]:
