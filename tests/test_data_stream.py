@@ -1,7 +1,6 @@
 """The training/eval stream: exact epoch coverage across ranks x workers, seeding, skip
 accounting (agreeing with ``verify``), resampled mixing."""
 import io
-import itertools
 import tarfile
 from collections import Counter
 
@@ -156,22 +155,32 @@ def test_verify_reports_what_the_stream_skips(damaged):
     assert spec[2] in corrupt[2]["error"] if corrupt[2]["key"] is None else "no image" in corrupt[2]["error"]
 
 
-def test_resampled_mixes_sources_by_weight_forever(tmp_path):
+def test_resampled_mixes_sources_by_weight(tmp_path):
     _write(tmp_path / "a", n_shards=3, per_shard=10, prefix="a", label=0)
     _write(tmp_path / "b", n_shards=2, per_shard=10, prefix="b", label=1)
     spec = [str(tmp_path / "a"), str(tmp_path / "b")]
-    loader = _loader(spec, train=True, resampled=True, train_weights=[0.9, 0.1], workers=2, batch_size=20)
-    labels = torch.cat([b["label"] for b in itertools.islice(loader, 30)])  # 600 draws of 50 samples
-    assert len(labels) == 600  # more than exist: the stream does not end
+    loader = _loader(spec, train=True, resampled=True, train_weights=[0.9, 0.1], workers=2, batch_size=20,
+                     epoch_samples=600)
+    labels = torch.cat([b["label"] for b in loader])  # 600 draws of 50 samples
+    assert len(labels) == 600  # an epoch is data.epoch_samples draws, more than exist
     share_a = (labels == 0).float().mean().item()
     assert 0.82 < share_a < 0.97, share_a  # 0.9 expected, sd ~0.012
 
 
 def test_resampled_without_weights_draws_all_shards(tmp_path):
     everything = _write(tmp_path, n_shards=4, per_shard=5)
-    loader = _loader(tmp_path, train=True, resampled=True, batch_size=10, shuffle_buffer=0)
-    keys = Counter(k for b in itertools.islice(loader, 20) for k in b["key"])
+    loader = _loader(tmp_path, train=True, resampled=True, batch_size=10, shuffle_buffer=0, epoch_samples=200)
+    keys = Counter(k for b in loader for k in b["key"])
     assert sum(keys.values()) == 200 and set(keys) == everything  # 200 draws hit all 20 samples
+
+
+def test_resampled_epoch_defaults_to_the_samples_the_shards_hold(tmp_path):
+    _write(tmp_path, n_shards=3, per_shard=5)
+    # open_clip's sizes.json is believed (here it overstates the shards)
+    (tmp_path / "sizes.json").write_text('{"shard-000000.tar": 7, "shard-000001.tar": 7, "shard-000002.tar": 7}')
+    assert len(_keys(_loader(tmp_path, train=True, resampled=True, batch_size=1))) == 21
+    (tmp_path / "sizes.json").unlink()  # counted from the tar headers instead
+    assert len(_keys(_loader(tmp_path, train=True, resampled=True, batch_size=1))) == 15
 
 
 def test_resampled_weights_must_match_sources(tmp_path):

@@ -45,6 +45,9 @@ from vlp.train import Trainer
 class ContinualTrainer(Trainer):
     def __init__(self, cfg: Config):
         cc = cfg.continual
+        if cfg.optim.samples is not None or cfg.data.epochs is not None:
+            raise ValueError("a continual run's budget is continual.steps_per_task (or optim.steps); "
+                             "optim.samples and data.epochs do not apply")
         self.tasks: List[List[int]] = [list(t) for t in cc.tasks]
         n = len(self.tasks)
         if cc.steps_per_task:
@@ -62,6 +65,7 @@ class ContinualTrainer(Trainer):
         self.buffer = ReplayBuffer(capacity, cc.policy, seed=cfg.run.seed * 1_000_003 + self.info.rank)
         self.tasks_done = 0  # tasks whose end (snapshot, teacher, memory update) is behind us
         self.teacher: Optional[torch.nn.Module] = None
+        self._composed: Optional[Iterator[Dict[str, Any]]] = None
 
     # --- tasks ------------------------------------------------------------------------
     def task_at(self, step: int) -> int:
@@ -116,9 +120,26 @@ class ContinualTrainer(Trainer):
             yield from batch_rows(batch, wanted)
 
     # --- data -------------------------------------------------------------------------
+    def next_batch(self) -> Optional[Dict[str, Any]]:
+        if self._composed is None:
+            self._composed = self.batches()
+        return next(self._composed)
+
+    def _raw_batches(self) -> Iterator[Dict[str, Any]]:
+        """This rank's stream batches, epoch after epoch (a rank moves on when its own epoch ends: the
+        composed batches never run out, so ranks need not agree). The data position is that of the last
+        batch read; rows read but not yet trained on are not saved, so a resume is not sample-exact."""
+        while True:
+            batch = self.data.next()
+            if batch is None:
+                self._end_epoch()
+                continue
+            self.data.consume(batch)
+            yield batch
+
     def batches(self) -> Iterator[Dict[str, Any]]:
         """Endless batches of the current task's classes plus rehearsal rows (module docstring)."""
-        source = super().batches()  # every class, epoch after epoch
+        source = self._raw_batches()  # every class, epoch after epoch
         pending: List[Dict[str, Any]] = []
         pending_task, skipped = -1, 0
         while True:

@@ -1,20 +1,21 @@
 """The training loop, as named steps: setup, build, resume, then step / log / eval / save."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from vlp import dist, rng
 from vlp.config import Config, save_config
-from vlp.data.stream import build_loader
+from vlp.data.stream import TrainData, build_loader
 from vlp.engine import checkpoint
 from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
 from vlp.engine.step import Step
@@ -29,8 +30,8 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: sbatch --signal=USR
 
 
 class Preemption:
-    """Catches SIGTERM / SIGUSR1 while training; ``agreed()`` (a collective) is true on every rank
-    at the end of the same step once any rank got one, so all ranks save that step and stop."""
+    """Catches SIGTERM / SIGUSR1 while training; ``Trainer._agree`` (a collective before every step)
+    tells every rank at the same step once any rank got one, so all ranks save that step and stop."""
 
     def __init__(self):
         self.signum = 0
@@ -49,10 +50,6 @@ class Preemption:
     def _catch(self, signum, frame) -> None:
         self.signum = signum
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.signum else 0.0])
-        return float(dist.all_reduce_sum(flag)) > 0
-
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "a peer rank's signal"
 
@@ -60,7 +57,7 @@ class Preemption:
 @dataclass
 class TrainState:
     step: int = 0
-    epoch: int = 0  # data epoch of the (non-resampled) stream
+    epoch: int = 0  # data epoch being read
     samples: int = 0  # global samples seen
     skipped: int = 0  # bad samples skipped by this rank's stream
 
@@ -74,6 +71,8 @@ class Trainer:
         self.run_dir = cfg.run.dir
         self._setup_run_dir()
         self._build()
+        if self.info.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))  # with the steps a budget resolved to
         self.state = TrainState()
         self.log = MetricsLogger(self.run_dir, self.info.is_main, cfg.logging.tensorboard)
 
@@ -81,7 +80,6 @@ class Trainer:
     def _setup_run_dir(self) -> None:
         if self.info.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
         print(
             f"[vlp] host={socket.gethostname()} rank={self.info.rank} local_rank={self.info.local_rank} "
             f"world={self.info.world_size} device={self.device}",
@@ -95,6 +93,10 @@ class Trainer:
         model = create_model(cfg.model).to(self.device)
         self.tokenizer = build_tokenizer(cfg.model, model)
         self.train_transform, self.eval_transform = build_transforms(cfg.model, model)
+        self.data = TrainData(cfg.data.train, cfg.data, image_transform=self.train_transform,
+                              tokenizer=self.tokenizer, rank=self.info.rank, world_size=self.info.world_size,
+                              seed=cfg.run.seed)
+        self._resolve_budget()
         self.objective = build_objective(cfg.objective)
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size)
         self.step_fn = Step(self.engine, self.objective, self.device, cfg.engine.grad_cache.chunk_size,
@@ -102,23 +104,42 @@ class Trainer:
         rng.seed_all(cfg.run.seed + 1000 * self.info.rank + 1)  # per-rank dropout and augmentation
 
     # --- data -----------------------------------------------------------------------
-    def batches(self) -> Iterator[Dict[str, Any]]:
-        """Endless batches: epoch after epoch (the epoch seeds the shard order)."""
-        while True:
-            loader = self.train_loader(self.state.epoch)
-            n = 0
-            for batch in loader:
-                n += 1
-                yield batch
-            if n == 0:
-                raise ValueError(
-                    f"data.train yielded no full batch of {self.cfg.data.batch_size}; "
-                    "lower data.batch_size or add data"
-                )
-            self.state.epoch += 1
+    def _resolve_budget(self) -> None:
+        """``optim.samples`` or ``data.epochs``, when set, become ``optim.steps`` (the schedule spans them)."""
+        cfg = self.cfg
+        if cfg.optim.samples is not None and cfg.data.epochs is not None:
+            raise ValueError("set a budget in optim.samples or in data.epochs, not both")
+        if cfg.optim.samples is not None:
+            cfg.optim.steps = math.ceil(cfg.optim.samples / (cfg.data.batch_size * self.info.world_size))
+        elif cfg.data.epochs is not None:
+            cfg.optim.steps = sum(self.data.batches_per_epoch(e) for e in range(cfg.data.epochs))
+        if cfg.optim.steps < 1:
+            raise ValueError(f"the budget comes to {cfg.optim.steps} steps: data.train holds too few samples for "
+                             f"data.batch_size={cfg.data.batch_size} on {self.info.world_size} ranks")
+
+    def next_batch(self) -> Optional[Dict[str, Any]]:
+        """The next batch to train on, or None where this rank's epoch has ended."""
+        return self.data.next()
+
+    def _agree(self, ended: bool, preemption: Preemption) -> Tuple[bool, bool]:
+        """One collective before every step: (some rank's epoch has ended, some rank was signalled).
+        An epoch ends on every rank when the first runs out, so all take the same steps."""
+        flags = torch.tensor([float(ended), float(bool(preemption.signum))], device=self.device)
+        flags = dist.all_reduce_sum(flags).tolist()
+        return flags[0] > 0, flags[1] > 0
+
+    def _end_epoch(self) -> None:
+        if not self.data.started():
+            raise ValueError(
+                f"data.train yielded no full batch of {self.cfg.data.batch_size} in epoch {self.data.epoch}; "
+                "lower data.batch_size or add data"
+            )
+        self.data.next_epoch()
+        self.state.epoch = self.data.epoch
 
     def train_loader(self, epoch: int, seed: Optional[int] = None):
-        """One pass over this rank's share of data.train (train transforms, shuffled by epoch)."""
+        """One more pass over this rank's share of data.train (train transforms, shuffled by epoch),
+        beside the training stream (a continual run fills its replay memory with it)."""
         return build_loader(
             self.cfg.data.train,
             self.cfg.data,
@@ -148,6 +169,8 @@ class Trainer:
         if client is not None:
             self._follow_schedule()
             self.state = TrainState(**client["train_state"])
+            self.data.restore(client.get("data"))
+            self.state.epoch = self.data.epoch
             self.load_client_state(client)
             if self.info.is_main:
                 print(f"[vlp] resumed from step {self.state.step} (epoch {self.state.epoch})"
@@ -169,7 +192,8 @@ class Trainer:
             self.engine,
             self.run_dir,
             self.state.step,
-            {"train_state": asdict(self.state), **self.client_state()},
+            {"train_state": asdict(self.state), "data": dist.all_gather_object(self.data.state()),
+             **self.client_state()},
             keep=self.cfg.run.keep_checkpoints,
             rank_state=self.rank_state(),
         )
@@ -215,18 +239,28 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
-        with Preemption() as preemption:
-            return self._fit(preemption)
+        try:
+            with Preemption() as preemption:
+                return self._fit(preemption)
+        finally:
+            self.data.close()
 
     def _fit(self, preemption: Preemption) -> Dict[str, Any]:
-        cfg, state = self.cfg, self.state
+        cfg = self.cfg
         self.resume()
         state = self.state
         global_batch = cfg.data.batch_size * self.info.world_size
         bar = self._progress(state.step)
-        data, t0, last_saved, bad_steps = self.batches(), time.time(), state.step, 0
-        while state.step < cfg.optim.steps:
-            batch = next(data)
+        t0, last_saved, bad_steps = time.time(), state.step, 0
+        while state.step < cfg.optim.steps and (cfg.data.epochs is None or state.epoch < cfg.data.epochs):
+            batch = self.next_batch()
+            ended, preempted = self._agree(batch is None, preemption)
+            if preempted:  # the batch just read is not trained on: the checkpoint's data position is before it
+                return self._stop_preempted(preemption, last_saved, bar)
+            if ended:
+                self._end_epoch()
+                continue
+            self.data.consume(batch)
             state.skipped += int(batch.get("n_skipped", 0))
             losses = self.step_fn(batch, step=state.step)
             if losses.get("skipped_step"):
@@ -244,15 +278,13 @@ class Trainer:
                 last_saved = state.step
             if bar is not None:
                 bar.update(1)
-            if preemption.agreed():
-                return self._stop_preempted(preemption, last_saved, bar)
         if last_saved != state.step:
             self.save()
         final = self._log_eval()
         if bar is not None:
             bar.close()
         self.log.close()
-        return {"step": state.step, "samples": state.samples, **final}
+        return {"step": state.step, "samples": state.samples, "epoch": state.epoch, **final}
 
     def _stop_preempted(self, preemption: Preemption, last_saved: int, bar) -> Dict[str, Any]:
         """Save the step just finished (every rank) and end the run cleanly: the job resumes from it."""
@@ -288,7 +320,7 @@ class Trainer:
     def _log_step(self, losses: Dict[str, float], bar, t0: float) -> float:
         now = time.time()
         steps = self.cfg.logging.every_steps
-        skipped = int(dist.all_reduce_sum(torch.tensor([self.state.skipped], dtype=torch.long)).item())
+        skipped = int(dist.all_reduce_sum(torch.tensor([self.state.skipped], device=self.device)).item())
         samples_per_s = steps * self.cfg.data.batch_size * self.info.world_size / max(now - t0, 1e-9)
         record = {
             "step": self.state.step,

@@ -13,10 +13,13 @@ class DataConfig:
     # .tar files), a "pipe:" command, or a list of those (several sources).
     train: Any = "data/digits/train"
     val: Any = "data/digits/val"  # eval shards (same forms as train); null: no evaluation during training
-    resampled: bool = False  # sample shards with replacement (infinite stream)
+    resampled: bool = False  # draw shards with replacement; an epoch is then data.epoch_samples samples
+    epoch_samples: Optional[int] = None  # resampled: samples per epoch, all ranks; null: as many as the shards hold
+    epochs: Optional[int] = None  # train for this many epochs instead of optim.steps (the schedule spans them)
     train_weights: Optional[List[float]] = None  # per-source mixing weights, resampled mode
     batch_size: int = 64  # per rank
-    workers: int = 2  # DataLoader workers per rank
+    workers: int = 2  # DataLoader workers per rank (at most train shards / ranks in one-pass mode)
+    persistent_workers: bool = True  # keep training workers alive across epochs (no fork per epoch)
     shuffle_buffer: int = 1000  # samples; 0 disables
     image_key: Optional[str] = "png;jpg;jpeg;webp"  # null: no image (an audio-text model)
     audio_key: Optional[str] = None  # e.g. "flac;wav": samples carry audio (vlp/data/audio.py)

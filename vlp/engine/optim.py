@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])  # Adam betas
     eps: float = 1e-6  # Adam epsilon
     steps: int = 1000  # total optimizer steps of the run
+    samples: Optional[int] = None  # a budget in samples (all ranks) instead: steps = ceil(samples / global batch)
     warmup_steps: int = 100  # linear warmup from 0, then the schedule
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables
