@@ -14,7 +14,7 @@ def test_overrides_and_types():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys here: betas, eps"),
+        ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys here: betas, cooldown_power"),
         ("nosuch.key=1", "unknown config key 'nosuch'"),
         ("optim.lr=abc", "bad config value for 'optim.lr'"),
         ("model.image.widht=3", "unknown key 'widht' in image tower 'open_clip'; valid:"),

@@ -247,3 +247,121 @@ def test_schedule_is_linear_warmup_then_cosine(warmup, min_ratio):
     assert used[mid] == pytest.approx(lr * (min_ratio + 1) / 2)
     assert all(a > b for a, b in zip(used[warmup:steps], used[warmup + 1:steps + 1]))
     assert used[steps:] == pytest.approx([lr * min_ratio] * 10, abs=1e-15)
+
+
+# ---- timm optimizers, layer decay, per-tower lr / weight decay, schedules (issue #15) ---------------
+
+
+def test_no_decay_groups_equal_timms():
+    from timm.optim import param_groups_weight_decay
+
+    torch.manual_seed(0)
+    model = create_model(tiny_model_cfg(init_logit_bias=-10.0))
+    ours = param_groups(model, 0.1)
+    theirs = param_groups_weight_decay(model, 0.1, no_weight_decay_list=model.no_weight_decay())
+    assert len(ours) == 2
+    for wd in (0.0, 0.1):
+        assert ({id(p) for g in ours if g["weight_decay"] == wd for p in g["params"]}
+                == {id(p) for g in theirs if g["weight_decay"] == wd for p in g["params"]})
+
+
+def test_layer_decay_and_per_tower_lr_follow_timm():
+    from timm.optim import param_groups_layer_decay
+
+    from vlp.engine.optim import TowerOptim, TowersOptim
+
+    torch.manual_seed(0)
+    model = create_model(tiny_model_cfg(image={"name": "timm", "model_name": "vit_tiny_patch16_224",
+                                               "image_size": 32}))
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.1, layer_decay=0.5,
+                      towers=TowersOptim(text=TowerOptim(lr=2e-3, weight_decay=0.05)))
+    lr_of, wd_of = {}, {}
+    for g in param_groups(model, cfg.weight_decay, cfg):
+        for n in g["param_names"]:
+            lr_of[n], wd_of[n] = g["lr"], g["weight_decay"]
+        assert g["vlp_base_lr"] == g["lr"]
+    trunk = model.visual.trunk
+    by_id = {id(p): n for n, p in trunk.named_parameters()}
+    for g in param_groups_layer_decay(trunk, 0.1, no_weight_decay_list=trunk.no_weight_decay(), layer_decay=0.5):
+        for p in g["params"]:
+            name = f"visual.trunk.{by_id[id(p)]}"
+            assert lr_of[name] == pytest.approx(1e-3 * g["lr_scale"], rel=1e-12), name
+            assert wd_of[name] == g["weight_decay"], name
+    assert lr_of["visual.trunk.patch_embed.proj.weight"] == pytest.approx(1e-3 * 0.5 ** 12)  # below 12 blocks
+    # the text tower: its own lr and weight decay, embeddings 0.5^2 below its top (1 block)
+    assert lr_of["text.text_projection"] == 2e-3 and wd_of["text.text_projection"] == 0.05
+    assert lr_of["text.token_embedding.weight"] == pytest.approx(2e-3 * 0.25)
+    assert lr_of["text.transformer.resblocks.0.mlp.c_fc.weight"] == pytest.approx(2e-3 * 0.5)
+    assert lr_of["logit_scale"] == 1e-3 and wd_of["logit_scale"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["lamb", "lion", "adafactor"])
+def test_timm_optimizers_step_in_the_engine(name):
+    from vlp import dist
+    from vlp.engine.config import EngineConfig
+    from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
+    from vlp.engine.step import Step
+    from vlp.objectives import build_objective
+
+    quiet_deepspeed()
+    dist.init_distributed("gloo")
+    mcfg = tiny_model_cfg()
+    torch.manual_seed(0)
+    model = create_model(mcfg)
+    before = model.visual.proj.detach().clone()
+    cfg = OptimConfig(name=name, lr=1e-3, steps=2, warmup_steps=0)
+    engine, optimizer, _ = build_engine(model, EngineConfig(zero_stage=0), cfg, 4)
+    import timm.optim
+
+    assert type(engine.optimizer) is timm.optim.get_optimizer_class(name)
+    losses = Step(engine, build_objective({"name": "infonce"}), torch.device("cpu"))(tiny_batch(4, mcfg))
+    assert math.isfinite(losses["loss"]) and not torch.equal(model.visual.proj.detach(), before)
+
+
+@pytest.mark.parametrize("schedule", ["const", "linear", "const_cooldown"])
+def test_other_schedules(schedule):
+    from vlp.engine.optim import lr_lambda
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, steps=12, schedule=schedule, cooldown_steps=4, min_lr_ratio=0.1)
+    got = [lr_lambda(cfg)(s) for s in range(14)]
+    assert got[:2] == [0.5, 1.0]
+    if schedule == "const":
+        assert got[2:] == [1.0] * 12
+    elif schedule == "linear":  # from 1 at the end of warmup to 0.1 at steps, flat after
+        assert got[2:] == pytest.approx([0.1 + 0.9 * (1 - (s - 2) / 10) for s in range(2, 12)] + [0.1, 0.1])
+    else:  # flat to step 8, then linear over the last 4 steps to 0.1
+        assert got[2:8] == [1.0] * 6
+        assert got[8:] == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1, 0.1])
+
+
+def test_unknown_optimizer_or_schedule_is_one_line_bad_input():
+    from vlp.config import load_config
+
+    with pytest.raises(ValueError, match=r"unknown optim.name 'adamx'; valid: .*lamb.*lion"):
+        load_config(None, ["optim.name=adamx"])
+    with pytest.raises(ValueError, match=r"unknown optim.schedule 'step'; valid: cosine, const, const_cooldown, lin"):
+        load_config(None, ["optim.schedule=step"])
+
+
+def test_resumed_schedule_keeps_per_group_base_lrs():
+    from vlp.engine.optim import TowerOptim, TowersOptim
+
+    model = create_model(tiny_model_cfg())
+    cfg = OptimConfig(lr=1e-3, warmup_steps=0, towers=TowersOptim(image=TowerOptim(lr=4e-3)))
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    assert sorted(set(sched.fresh_base_lrs)) == [1e-3, 4e-3]
+    assert "fresh_base_lrs" not in sched.state_dict()
+
+
+def test_offloaded_adamw_is_deepspeed_cpu_adam_where_it_builds():
+    from deepspeed.git_version_info import installed_ops
+
+    model = torch.nn.Linear(2, 2)
+    if installed_ops.get("cpu_adam") or torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        assert isinstance(build_optimizer(model, OptimConfig(), offload=True), DeepSpeedCPUAdam)
+    else:  # this CPU machine cannot build the op in reasonable time: torch AdamW, one warning line
+        with pytest.warns(UserWarning, match="DeepSpeedCPUAdam unavailable"):
+            assert type(build_optimizer(model, OptimConfig(), offload=True)) is torch.optim.AdamW

@@ -35,14 +35,15 @@ from vlp.data.config import DataConfig
 from vlp.data.continual import ContinualConfig, validate_continual
 from vlp.data.shards import expand_spec
 from vlp.engine.config import EngineConfig
-from vlp.engine.deepspeed_engine import load_preset
-from vlp.engine.optim import OptimConfig
+from vlp.engine.deepspeed_engine import PRECISIONS, load_preset
+from vlp.engine.optim import OptimConfig, check_optim
 from vlp.eval import EVALUATORS
 from vlp.eval.config import EvalConfig, resolve_tasks
 from vlp.eval.zeroshot import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
+from vlp.metrics import WandbConfig, check_wandb
 from vlp.models.audio import AUDIO_TOWERS
 from vlp.models.coca import coca_settings
-from vlp.models.factory import ModelConfig, create_model, load_pretrained, model_kind
+from vlp.models.factory import ModelConfig, check_lock, create_model, load_pretrained, model_kind
 from vlp.models.heads import HEADS
 from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
 from vlp.objectives import OBJECTIVES, build_objective
@@ -66,6 +67,7 @@ class LoggingConfig:
     every_steps: int = 10  # a metrics.jsonl / TensorBoard record every this many steps
     tensorboard: bool = True  # also write TensorBoard events to RUN_DIR/tensorboard
     progress: bool = True  # tqdm bar on rank 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, beside metrics.jsonl and TensorBoard
 
 
 @dataclass
@@ -259,14 +261,16 @@ def check_ranges(cfg: Config) -> None:
     _need(optim.grad_clip >= 0, "optim.grad_clip", ">= 0 (0: off)", optim.grad_clip)
     _need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two numbers in [0, 1)",
           optim.betas)
-    _need(optim.name in ("adamw", "sgd"), "optim.name", "adamw or sgd", optim.name)
+    check_optim(optim)  # optimizer and schedule names, layer decay, per-tower lr / weight decay
     _need(engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "0, 1, 2 or 3", engine.zero_stage)
-    _need(engine.precision in ("fp32", "bf16", "fp16"), "engine.precision", "fp32, bf16 or fp16", engine.precision)
+    _need(engine.precision in PRECISIONS, "engine.precision", ", ".join(PRECISIONS), engine.precision)
     _need(engine.backend in ("auto", "nccl", "gloo"), "engine.backend", "auto, nccl or gloo", engine.backend)
     if data.train_weights is not None:
         _need(all(w >= 0 for w in data.train_weights) and sum(data.train_weights) > 0, "data.train_weights",
               "weights >= 0, not all 0", data.train_weights)
     model_kind(model)  # an unknown model.kind lists the valid ones
+    check_lock(model)  # a lock on a tower the model lacks
+    check_wandb(cfg.logging.wandb)
     for key in ("image", "text", "audio"):
         _check_spec(f"model.{key}", getattr(model, key))
     for key, spec in model.heads.items():

@@ -74,7 +74,8 @@ class Trainer:
         if self.info.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))  # with the steps a budget resolved to
         self.state = TrainState()
-        self.log = MetricsLogger(self.run_dir, self.info.is_main, cfg.logging.tensorboard)
+        self.log = MetricsLogger(self.run_dir, self.info.is_main, cfg.logging.tensorboard,
+                                 wandb=cfg.logging.wandb, run_config=asdict(cfg))
 
     # --- setup ----------------------------------------------------------------------
     def _setup_run_dir(self) -> None:
@@ -182,7 +183,7 @@ class Trainer:
         optim settings (more steps, another lr) continues on its own schedule from the first step."""
         sched = self.scheduler
         groups = sched.optimizer.param_groups
-        sched.base_lrs = [self.cfg.optim.lr] * len(groups)  # every group has optim.lr (vlp/engine/optim.py)
+        sched.base_lrs = list(sched.fresh_base_lrs)  # each group's base lr under this config (vlp/engine/optim.py)
         for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
             group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in groups]

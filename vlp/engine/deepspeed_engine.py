@@ -55,6 +55,8 @@ _STAGE_3 = {
     "stage3_gather_16bit_weights_on_model_save": False,  # vlp.engine.checkpoint gathers model.safetensors itself
 }
 _CPU = {"device": "cpu", "pin_memory": True}
+PRECISIONS = ("fp32", "bf16", "fp16", "amp_bf16", "amp_fp16")
+AMP = {"amp_bf16": "bfloat16", "amp_fp16": "float16"}  # engine.precision -> torch_autocast dtype
 
 
 @ZERO_PRESETS.register("zero0")
@@ -172,6 +174,8 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch: int)
         "zero_optimization": {},
         "bf16": {"enabled": engine.precision == "bf16"},
         "fp16": {"enabled": engine.precision == "fp16", "initial_scale_power": 16},
+        # amp_*: autocast in the engine's forward over fp32 weights and optimizer (fp16: a GradScaler at ZeRO-0)
+        "torch_autocast": {"enabled": engine.precision in AMP, "dtype": AMP.get(engine.precision, "bfloat16")},
         "zero_allow_untested_optimizer": True,  # our AdamW with no-decay groups
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -185,12 +189,16 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch: int)
 
 
 def build_engine(model: torch.nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_batch: int):
-    """(engine, optimizer, scheduler) with our AdamW and warmup-cosine schedule."""
+    """(engine, optimizer, scheduler) with our optimizer and schedule (vlp/engine/optim.py); with
+    ``engine.compile`` each tower is compiled in place first."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     ds_cfg = deepspeed_config(engine_cfg, optim_cfg, micro_batch)
-    optimizer = build_optimizer(model, optim_cfg)
+    if engine_cfg.compile:
+        compile_towers(model, engine_cfg.compile_mode)
+    offload = _offloads(ds_cfg["zero_optimization"].get("offload_optimizer"))
+    optimizer = build_optimizer(model, optim_cfg, offload=offload)
     scheduler = build_scheduler(optimizer, optim_cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
@@ -199,6 +207,14 @@ def build_engine(model: torch.nn.Module, engine_cfg: EngineConfig, optim_cfg: Op
         # DeepSpeed all-reduces every gradient even over one rank
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
+
+
+def compile_towers(model: torch.nn.Module, mode: Optional[str] = None) -> None:
+    """``torch.compile`` each tower's forward in place (``nn.Module.compile``: the state dict keeps its names)."""
+    for name in ("visual", "text", "audio"):
+        tower = getattr(model, name, None)
+        if isinstance(tower, torch.nn.Module):
+            tower.compile(mode=mode)
 
 
 def quiet_deepspeed() -> None:

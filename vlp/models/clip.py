@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _features(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """A tower's output, fp32 under autocast (engine.precision amp_*: the objectives compute in fp32)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.float()
+    return F.normalize(x, dim=-1) if normalize else x
+
+
 class TowerInterface:
     """The uniform tower methods lifted to a model (docs/design.md, "Towers"); shared by ContrastiveModel
     and CoCaModel. ``tower_names`` are the attributes holding towers (None = absent)."""
@@ -78,15 +85,15 @@ class ContrastiveModel(TowerInterface, nn.Module):
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.visual(image)  # (B, D)
-        return F.normalize(x, dim=-1) if normalize else x
+        return _features(x, normalize)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.text(text)  # (B, D)
-        return F.normalize(x, dim=-1) if normalize else x
+        return _features(x, normalize)
 
     def encode_audio(self, audio: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.audio(audio)  # (B, 1, M, T) log-mels -> (B, D)
-        return F.normalize(x, dim=-1) if normalize else x
+        return _features(x, normalize)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Unit-norm features of each modality present in ``batch`` plus the logit scale/bias."""

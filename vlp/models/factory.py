@@ -21,6 +21,24 @@ from vlp.registry import Registry
 
 
 @dataclass
+class LockImage:
+    unlocked_groups: Optional[int] = None  # null: the image tower trains; N: frozen but its last N layer groups
+    freeze_bn_stats: bool = False  # also freeze BatchNorm running statistics (timm CNN trunks)
+
+
+@dataclass
+class LockText:
+    unlocked_layers: Optional[int] = None  # null: the text tower trains; N: frozen but its last N layers
+    freeze_layer_norm: bool = True  # keep the LayerNorms of the locked layers frozen too
+
+
+@dataclass
+class LockConfig:
+    image: LockImage = field(default_factory=LockImage)  # LiT: lock the image tower
+    text: LockText = field(default_factory=LockText)  # lock the text tower
+
+
+@dataclass
 class ModelConfig:
     # An open_clip architecture name ("ViT-B-32", "local-dir:/path"); when set it
     # replaces `image`, `text` and `embed_dim`.
@@ -43,6 +61,8 @@ class ModelConfig:
     audio: Optional[Dict[str, Any]] = None
     # Heads on the towers' outputs, key -> registry spec (vlp/models/heads.py).
     heads: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Locked (frozen) towers, LiT-style: no gradient, no optimizer state, weights unchanged by training.
+    lock: LockConfig = field(default_factory=LockConfig)
 
 
 # Model kinds (``model.kind``): name -> a class with ``model_cfg(cfg, base)`` (the kind's open_clip
@@ -135,9 +155,36 @@ def create_model(cfg: ModelConfig, load_weights: bool = True) -> nn.Module:
     model = MODEL_KINDS.get(model_kind(cfg)).builder.build(cfg, model_cfg)
     if cfg.pretrained and load_weights:
         load_pretrained(model, cfg)
+    apply_lock(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def check_lock(cfg: ModelConfig) -> None:
+    """A lock on a tower the model lacks, or a negative count: ValueError naming the key."""
+    image, text = cfg.lock.image.unlocked_groups, cfg.lock.text.unlocked_layers
+    has_image = cfg.open_clip is not None or cfg.image is not None
+    if image is not None and not has_image:
+        raise ValueError("model.lock.image is set but the model has no image tower (model.image is null); "
+                         "valid: model.lock.text")
+    for key, value in (("model.lock.image.unlocked_groups", image), ("model.lock.text.unlocked_layers", text)):
+        if value is not None and value < 0:
+            raise ValueError(f"{key} must be null (unlocked) or >= 0, got {value!r}")
+
+
+def apply_lock(model: nn.Module, cfg: ModelConfig) -> None:
+    """Freeze the towers ``model.lock`` names with the towers' own ``lock`` (open_clip's)."""
+    check_lock(cfg)
+    image, text = cfg.lock.image, cfg.lock.text
+    if image.unlocked_groups is not None:
+        model.lock_image_tower(unlocked_groups=image.unlocked_groups, freeze_bn_stats=image.freeze_bn_stats)
+    if text.unlocked_layers is not None:
+        try:
+            model.lock_text_tower(unlocked_layers=text.unlocked_layers, freeze_layer_norm=text.freeze_layer_norm)
+        except AssertionError:  # open_clip's TextTransformer treats LayerNorms like the other weights
+            raise ValueError("model.lock.text.freeze_layer_norm: false is not supported by the open_clip text "
+                             "tower; valid: true") from None
 
 
 def _checkpoint_in_folder(path: str) -> str:
