@@ -19,7 +19,7 @@ TINY_OPEN_CLIP = {
 
 
 def test_registries_list_towers():
-    assert IMAGE_TOWERS.list() == ["open_clip", "timm"] and TEXT_TOWERS.list() == ["open_clip"]
+    assert IMAGE_TOWERS.list() == ["open_clip", "timm"] and TEXT_TOWERS.list() == ["hf", "open_clip"]
 
 
 @pytest.mark.parametrize("image", [

@@ -16,7 +16,8 @@ def tiny_model_cfg(**kw) -> ModelConfig:
 
 # Objectives that need a model other than the tiny two-tower one: the generic gradient-cache and
 # distributed tests skip them, and the named test file checks both with that model.
-OWN_MODEL_OBJECTIVES = {"coca": "tests/test_coca.py", "mlcd": "tests/test_mlcd.py", "mlc": "tests/test_mlcd.py"}
+OWN_MODEL_OBJECTIVES = {"coca": "tests/test_coca.py", "mlcd": "tests/test_mlcd.py", "mlc": "tests/test_mlcd.py",
+                        "distill": "tests/test_distill.py"}  # distill: needs a teacher
 
 
 def tiny_batch(n: int, cfg: ModelConfig, seed: int = 0):

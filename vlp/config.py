@@ -43,9 +43,9 @@ from vlp.eval.zeroshot import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 from vlp.metrics import WandbConfig, check_wandb
 from vlp.models.audio import AUDIO_TOWERS
 from vlp.models.coca import coca_settings
-from vlp.models.factory import ModelConfig, check_lock, create_model, load_pretrained, model_kind
+from vlp.models.factory import ModelConfig, check_lock, check_preprocess, create_model, load_pretrained, model_kind
 from vlp.models.heads import HEADS
-from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+from vlp.models.towers import IMAGE_TOWERS, TEXT_TOWERS, check_hf_text
 from vlp.objectives import OBJECTIVES, build_objective
 from vlp.objectives.contrastive import modality_pairs
 from vlp.registry import Registry
@@ -270,6 +270,8 @@ def check_ranges(cfg: Config) -> None:
               "weights >= 0, not all 0", data.train_weights)
     model_kind(model)  # an unknown model.kind lists the valid ones
     check_lock(model)  # a lock on a tower the model lacks
+    check_preprocess(model)  # model.image_* values, model.force_* only on a named open_clip architecture
+    _check_aug(data.aug)
     check_wandb(cfg.logging.wandb)
     for key in ("image", "text", "audio"):
         _check_spec(f"model.{key}", getattr(model, key))
@@ -279,6 +281,25 @@ def check_ranges(cfg: Config) -> None:
     _check_spec("objective", cfg.objective)
     for i, spec in enumerate(cfg.eval.tasks or []):
         _check_spec(f"eval.tasks[{i}]", spec)
+
+
+def _check_aug(aug: Any) -> None:
+    """data.aug: open_clip's AugmentationCfg values in their ranges (ValueError naming the key)."""
+    _need(len(aug.scale) == 2 and 0 < aug.scale[0] <= aug.scale[1] <= 1, "data.aug.scale", "[min, max] in (0, 1]",
+          aug.scale)
+    _need(aug.ratio is None or (len(aug.ratio) == 2 and 0 < aug.ratio[0] <= aug.ratio[1]), "data.aug.ratio",
+          "null or [min, max] > 0", aug.ratio)
+    jitter = aug.color_jitter
+    _need(jitter is None or (_number(jitter) and jitter >= 0) or (
+        isinstance(jitter, (list, tuple)) and len(jitter) in (3, 4) and all(_number(v) and v >= 0 for v in jitter)),
+        "data.aug.color_jitter", "null, a number >= 0 or 3-4 numbers >= 0", jitter)
+    if aug.color_jitter_prob and not aug.use_timm:  # open_clip's torchvision transform asserts it
+        _need(isinstance(jitter, (list, tuple)) and len(jitter) == 4, "data.aug.color_jitter",
+              "4 numbers (brightness, contrast, saturation, hue) with color_jitter_prob", jitter)
+    for key in ("color_jitter_prob", "gray_scale_prob", "re_prob"):
+        value = getattr(aug, key)
+        _need(value is None or 0 <= value <= 1, f"data.aug.{key}", "null or in [0, 1]", value)
+    _need(aug.re_count is None or aug.re_count >= 1, "data.aug.re_count", "null or >= 1", aug.re_count)
 
 
 def check_shards(key: str, spec: Any, other_forms: bool = False) -> None:
@@ -335,7 +356,14 @@ def check_inputs(cfg: Config) -> None:
             _check_file(f"model.heads.{key}.centers", spec["centers"])
     if cfg.engine.preset is not None:
         load_preset(cfg.engine.preset)
+    check_text_tower(cfg.model)
     check_pretrained(cfg.model)
+
+
+def check_text_tower(model_cfg: ModelConfig) -> None:
+    """An ``hf`` text tower names a transformers text encoder that loads (its config is read)."""
+    if not model_cfg.open_clip and model_cfg.text.get("name") == "hf":
+        check_hf_text(TEXT_TOWERS.settings(model_cfg.text))
 
 
 def check_pretrained(model_cfg: ModelConfig) -> None:

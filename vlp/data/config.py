@@ -8,6 +8,20 @@ from vlp.data.audio import AudioConfig
 
 
 @dataclass
+class AugConfig:
+    """open_clip's AugmentationCfg (open_clip_train --aug-cfg): the training image transform's augmentation."""
+
+    scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area range
+    ratio: Optional[List[float]] = None  # RandomResizedCrop aspect range; null: open_clip's (3/4, 4/3)
+    color_jitter: Optional[Any] = None  # a number or [brightness, contrast, saturation(, hue)]; null: none
+    color_jitter_prob: Optional[float] = None  # probability of the color jitter (with color_jitter)
+    gray_scale_prob: Optional[float] = None  # probability of grayscale
+    re_prob: Optional[float] = None  # random erasing probability (use_timm)
+    re_count: Optional[int] = None  # random erasing count (use_timm)
+    use_timm: bool = False  # timm's create_transform (RandAugment-style) instead of torchvision's
+
+
+@dataclass
 class DataConfig:
     # Shard specs: a brace pattern ("d/shard-{000000..000009}.tar"), a folder (all its
     # .tar files), a "pipe:" command, or a list of those (several sources).
@@ -29,3 +43,4 @@ class DataConfig:
     # `vlp cluster` output (DIR or DIR/assignments.jsonl): train samples get cluster_ids (l,) and
     # cluster_sims (l,) by __key__ (MLCD); a sample missing from it is skipped and counted
     cluster_labels: Optional[str] = None
+    aug: AugConfig = field(default_factory=AugConfig)  # training image augmentation (open_clip's AugmentationCfg)

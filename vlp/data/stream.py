@@ -106,9 +106,12 @@ def build_loader(
     train: bool,
     epoch: int = 0,
     seed: int = 0,
+    caption_optional: bool = False,
 ) -> DataLoader:
     """One pass over this rank's share of ``spec``: with ``train``, epoch ``epoch`` of the training
-    stream (``TrainStream``; a trainer uses ``TrainData``, which also resumes); else an ordered eval pass."""
+    stream (``TrainStream``; a trainer uses ``TrainData``, which also resumes); else an ordered eval pass
+    (``caption_optional``: clip_benchmark's rules, see ``build_eval_loader``; else a sample needs a caption,
+    as ``verify`` checks)."""
     _check_args(cfg, rank, world_size)
     if train:
         stream = TrainStream(spec, cfg, image_transform=image_transform, tokenizer=tokenizer, rank=rank,
@@ -123,7 +126,8 @@ def build_loader(
         partial(read_shards, handler=counter),
         wds.decode("pil", handler=counter),
         wds.map(partial(_to_sample, cfg=cfg, image_transform=image_transform, tokenizer=tokenizer,
-                        audio_transform=AudioTransform(cfg.audio, False) if cfg.audio_key else None, train=False),
+                        audio_transform=AudioTransform(cfg.audio, False) if cfg.audio_key else None,
+                        caption_optional=caption_optional),
                 handler=counter),
         *(build(cfg, counter, False) for build in STREAM_STAGES.builders()),  # None when a stage is off
         wds.batched(cfg.batch_size, collation_fn=partial(_collate, counter=counter), partial=True),
@@ -163,7 +167,7 @@ def build_eval_loader(
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
     return build_loader(
         spec, cfg, image_transform=image_transform, tokenizer=tokenizer, rank=rank, world_size=world_size,
-        train=False,
+        train=False, caption_optional=True,
     )
 
 
@@ -195,7 +199,7 @@ def _weighted_sources(spec: Any, weights: List[float]) -> List[List[str]]:
 
 
 def _to_sample(sample: Dict[str, Any], cfg: DataConfig, image_transform: Optional[Callable], tokenizer: Callable,
-               audio_transform: Optional[Callable] = None, train: bool = True) -> dict:
+               audio_transform: Optional[Callable] = None, caption_optional: bool = False) -> dict:
     # A missing field raises ValueError, which the map stage's handler counts as a skip;
     # so does undecodable audio (decoded here, not by webdataset).
     out = {}
@@ -204,7 +208,7 @@ def _to_sample(sample: Dict[str, Any], cfg: DataConfig, image_transform: Optiona
     if audio_transform is not None:
         out["audio"] = audio_transform(get_field(sample, cfg.audio_key, "audio"))  # (1, M, T)
     label = wds.getfirst(sample, cfg.label_key, default=-1, missing_is_error=False) if cfg.label_key else -1
-    if not train:
+    if caption_optional:
         # clip_benchmark's layouts: a labelled sample needs no caption (classification), and a
         # caption field holds one caption per line (retrieval): ``captions``, ``text`` the first one
         text = wds.getfirst(sample, cfg.text_key, missing_is_error=False)
@@ -299,6 +303,8 @@ class TrainStream(IterableDataset):
                  rank: int, world_size: int, seed: int, resume: Optional[List[DataPosition]] = None):
         _check_args(cfg, rank, world_size)
         self.cfg, self.rank, self.seed, self.resume = cfg, rank, seed, resume
+        if hasattr(image_transform, "with_aug"):  # vlp.models' TrainTransform: data.aug applied here
+            image_transform = image_transform.with_aug(cfg.aug)
         self.image_transform, self.tokenizer = image_transform, tokenizer
         self.audio_transform = AudioTransform(cfg.audio, True) if cfg.audio_key else None
         self.epoch = multiprocessing.Value("i", 0)

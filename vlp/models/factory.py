@@ -1,15 +1,17 @@
 """Build the model, its tokenizer and its image transforms from the ``model:`` config."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import open_clip
 from open_clip.tokenizer import HFTokenizer
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch import nn
 
 from vlp.models.audio import build_audio_tower
@@ -63,6 +65,15 @@ class ModelConfig:
     heads: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # Locked (frozen) towers, LiT-style: no gradient, no optimizer state, weights unchanged by training.
     lock: LockConfig = field(default_factory=LockConfig)
+    image_mean: Optional[List[float]] = None  # per-channel normalization mean; null: the pretrained tag's or OpenAI's
+    image_std: Optional[List[float]] = None  # per-channel normalization std; null: the pretrained tag's or OpenAI's
+    image_interpolation: Optional[str] = None  # bicubic | bilinear | random; null: the tag's or bicubic
+    image_resize_mode: Optional[str] = None  # shortest | longest | squash; null: the tag's or shortest
+    # open_clip.create_model's force_* arguments, on a named model.open_clip architecture:
+    force_image_size: Optional[int] = None  # the image tower's input side (positional embedding resized)
+    force_context_length: Optional[int] = None  # the text tower's context length
+    force_patch_dropout: Optional[float] = None  # the image tower's patch dropout
+    force_quick_gelu: bool = False  # QuickGELU activations (OpenAI CLIP weights)
 
 
 # Model kinds (``model.kind``): name -> a class with ``model_cfg(cfg, base)`` (the kind's open_clip
@@ -119,6 +130,23 @@ def _open_clip_arch(name: str) -> Dict[str, Any]:
     return oc
 
 
+FORCE_KEYS = ("force_image_size", "force_context_length", "force_patch_dropout", "force_quick_gelu")
+
+
+def _force(cfg: ModelConfig, model_cfg: Dict[str, Any]) -> None:
+    """``model.force_*`` applied to a named architecture's model_cfg, as open_clip.create_model applies its
+    ``force_*`` arguments."""
+    if cfg.force_quick_gelu:
+        model_cfg["quick_gelu"] = True
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg"), model_cfg["text_cfg"]
+    if vision_cfg is not None and cfg.force_patch_dropout is not None:
+        vision_cfg["patch_dropout"] = cfg.force_patch_dropout
+    if vision_cfg is not None and cfg.force_image_size is not None:
+        vision_cfg["image_size"] = cfg.force_image_size
+    if cfg.force_context_length is not None:
+        text_cfg["context_length"] = cfg.force_context_length
+
+
 def model_kind(cfg: ModelConfig) -> str:
     """``model.kind``, except that an open_clip CoCa architecture (one with a multimodal_cfg) is coca."""
     if cfg.open_clip and "multimodal_cfg" in _open_clip_arch(cfg.open_clip):
@@ -132,7 +160,8 @@ def open_clip_model_cfg(cfg: ModelConfig) -> Dict[str, Any]:
     if cfg.open_clip:
         oc = _open_clip_arch(cfg.open_clip)
         keys = ("embed_dim", "vision_cfg", "text_cfg", "multimodal_cfg", "quick_gelu")
-        model_cfg = {k: v for k, v in oc.items() if k in keys}
+        model_cfg = copy.deepcopy({k: v for k, v in oc.items() if k in keys})
+        _force(cfg, model_cfg)
     else:
         model_cfg = {
             "embed_dim": cfg.embed_dim,
@@ -226,12 +255,70 @@ def preprocess_cfg(cfg: ModelConfig, model: ContrastiveModel) -> Dict[str, Any]:
     if cfg.open_clip and cfg.pretrained and not os.path.exists(cfg.pretrained):
         pcfg = open_clip.get_pretrained_cfg(cfg.open_clip, cfg.pretrained)
         pp.update({k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pcfg})
+    for key in ("mean", "std", "interpolation", "resize_mode"):  # model.image_*: over the tag's
+        if getattr(cfg, f"image_{key}") is not None:
+            value = getattr(cfg, f"image_{key}")
+            pp[key] = tuple(value) if isinstance(value, (list, tuple)) else value
     return pp
 
 
-def build_transforms(cfg: ModelConfig, model: ContrastiveModel) -> Tuple[Callable, Callable]:
-    """(train, eval) image transforms: open_clip's, sized for the image tower; (None, None) without one."""
+def check_preprocess(cfg: ModelConfig) -> None:
+    """``model.image_*`` and ``model.force_*`` values: ValueError naming the key."""
+    for key, valid in (("image_interpolation", ("bicubic", "bilinear", "random")),
+                       ("image_resize_mode", ("shortest", "longest", "squash"))):
+        value = getattr(cfg, key)
+        if value is not None and value not in valid:
+            raise ValueError(f"model.{key} must be one of {', '.join(valid)}, got {value!r}")
+    for key in ("image_mean", "image_std"):
+        value = getattr(cfg, key)
+        if value is not None and (len(value) not in (1, 3) or (key == "image_std" and min(value) <= 0)):
+            raise ValueError(f"model.{key} must be 1 or 3 numbers{' > 0' if key == 'image_std' else ''}, "
+                             f"got {list(value)!r}")
+    forced = [key for key in FORCE_KEYS if getattr(cfg, key) not in (None, False)]
+    if forced and not cfg.open_clip:
+        raise ValueError(f"model.{forced[0]} applies to a named model.open_clip architecture; own towers set "
+                         "model.image.image_size, model.text.context_length, model.image.patch_dropout, "
+                         "model.quick_gelu")
+    for key, ok, rule in (("force_image_size", lambda v: v >= 1, ">= 1"),
+                          ("force_context_length", lambda v: v >= 1, ">= 1"),
+                          ("force_patch_dropout", lambda v: 0 <= v < 1, "in [0, 1)")):
+        value = getattr(cfg, key)
+        if value is not None and not ok(value):
+            raise ValueError(f"model.{key} must be {rule}, got {value!r}")
+
+
+class TrainTransform:
+    """open_clip's training transform (``image_transform_v2``) for a PreprocessCfg and an AugmentationCfg;
+    ``with_aug(data.aug)`` is the same with the run's augmentation (the data stream applies it)."""
+
+    def __init__(self, pp: PreprocessCfg, aug: Optional[Dict[str, Any]] = None):
+        self.pp, self.aug = pp, aug
+        self.transform = image_transform_v2(pp, is_train=True, aug_cfg=augmentation_cfg(aug))
+
+    def with_aug(self, aug: Any) -> "TrainTransform":
+        return TrainTransform(self.pp, aug)
+
+    def __call__(self, image: Any) -> Any:
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
+
+
+def augmentation_cfg(aug: Any) -> AugmentationCfg:
+    """open_clip's AugmentationCfg from ``data.aug`` (a dataclass or a mapping; None: the defaults)."""
+    if aug is None:
+        return AugmentationCfg()
+    values = dataclasses.asdict(aug) if dataclasses.is_dataclass(aug) else dict(aug)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return AugmentationCfg(**values)
+
+
+def build_transforms(cfg: ModelConfig, model: ContrastiveModel, aug: Any = None) -> Tuple[Callable, Callable]:
+    """(train, eval) image transforms: open_clip's, sized for the image tower; (None, None) without one.
+    ``aug``: ``data.aug`` (None: open_clip's default AugmentationCfg; the train stream applies ``data.aug``
+    through ``TrainTransform.with_aug``)."""
     if model.open_clip_cfg.get("vision_cfg") is None:
         return None, None
     pp = PreprocessCfg(**preprocess_cfg(cfg, model))
-    return image_transform_v2(pp, is_train=True), image_transform_v2(pp, is_train=False)
+    return TrainTransform(pp, aug), image_transform_v2(pp, is_train=False)

@@ -17,8 +17,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
+import torch
+from open_clip.hf_configs import arch_dict
+from open_clip.hf_model import register_pooler
 from open_clip.model import _build_text_tower, _build_vision_tower
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
 
 from vlp.registry import Registry
 
@@ -147,4 +156,97 @@ class OpenClipText:
 
 @TEXT_TOWERS.register("open_clip", OpenClipText)
 def _open_clip_text(s: OpenClipText, embed_dim: int, quick_gelu: bool = False) -> nn.Module:
+    return text_tower(s.open_clip_cfg(), embed_dim, quick_gelu)
+
+
+# ---- any transformers encoder as the text tower: open_clip's own HFTextEncoder --------------------------
+
+@register_pooler
+class VlpMaxPooler(nn.Module):
+    """Max over the non-padding tokens (open_clip's ``max_pooler`` fails on its integer attention mask)."""
+
+    cls_token_position = None
+
+    def forward(self, x: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = x.last_hidden_state.masked_fill(~attention_mask.bool().unsqueeze(-1), -torch.inf)
+        return hidden.max(1).values
+
+
+@register_pooler
+class VlpLastTokenPooler(nn.Module):
+    """The last non-padding token (right padding), as embedding models pool."""
+
+    cls_token_position = None
+
+    def forward(self, x: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+        last = attention_mask.long().sum(1).clamp(min=1) - 1
+        return x.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]
+
+
+# model.text.pooler -> open_clip's pooler name (the vlp_* ones are registered above in open_clip's table)
+HF_POOLERS = {"cls": "cls_pooler", "mean": "mean_pooler", "max": "vlp_max_pooler",
+              "last_token": "vlp_last_token_pooler"}
+HF_PROJS = ("linear", "mlp")
+
+
+@dataclass
+class HFText:
+    """Any transformers encoder (BERT, RoBERTa, XLM-R, T5's encoder, ...) in open_clip's HFTextEncoder, with its
+    transformers tokenizer."""
+
+    hf_model_name: str = "bert-base-uncased"  # a hub name (cached) or a save_pretrained folder: model + tokenizer
+    pooler: str = "mean"  # cls | mean | max | last_token
+    proj: str = "mlp"  # linear | mlp: the projection to embed_dim
+    pretrained: bool = True  # load the model's weights (false: random init from its config)
+    context_length: int = 77  # tokens per caption (at most the model's max_position_embeddings)
+
+    def open_clip_cfg(self) -> Dict[str, Any]:
+        return {
+            "hf_model_name": self.hf_model_name,
+            "hf_tokenizer_name": self.hf_model_name,
+            "hf_pooler_type": HF_POOLERS.get(self.pooler, self.pooler),
+            "hf_proj_type": self.proj,
+            "hf_model_pretrained": self.pretrained,
+            "context_length": self.context_length,
+        }
+
+
+def check_hf_text(s: HFText, where: str = "model.text") -> PretrainedConfig:
+    """The transformers config of ``s.hf_model_name`` if it is a text encoder; else ValueError naming the key
+    (FileNotFoundError when it cannot be read)."""
+    if s.pooler not in HF_POOLERS:
+        raise ValueError(f"{where}.pooler must be one of {', '.join(HF_POOLERS)}, got {s.pooler!r}")
+    if s.proj not in HF_PROJS:
+        raise ValueError(f"{where}.proj must be one of {', '.join(HF_PROJS)}, got {s.proj!r}")
+    try:
+        config = AutoConfig.from_pretrained(s.hf_model_name)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{where}.hf_model_name {s.hf_model_name!r} cannot be loaded: "
+                                f"{str(e).strip().splitlines()[0]}") from None
+    kind = config.model_type
+    encoder = getattr(config, "is_encoder_decoder", False) or (
+        kind in MODEL_MAPPING_NAMES and getattr(config, "vocab_size", None)
+        and not getattr(config, "is_decoder", False)
+        and (kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    if not encoder:
+        raise ValueError(f"{where}.hf_model_name {s.hf_model_name!r} is not a text encoder (model_type {kind!r}: "
+                         "a decoder-only or non-text model); use an encoder such as BERT, RoBERTa, XLM-R or T5")
+    width = next((n for n in ("hidden_size", "d_model", "dim") if isinstance(getattr(config, n, None), int)), None)
+    if kind not in arch_dict:  # open_clip's table of HF architectures: the width / layer attribute names
+        if width is None:
+            raise ValueError(f"{where}.hf_model_name {s.hf_model_name!r}: no hidden_size/d_model in its config")
+        arch_dict[kind] = {"config_names": {"context_length": "max_position_embeddings", "vocab_size": "vocab_size",
+                                            "width": width, "heads": "num_attention_heads",
+                                            "layers": "num_hidden_layers", "layer_attr": "layer",
+                                            "token_embeddings_attr": "embeddings"}, "pooler": "mean_pooler"}
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and s.context_length > limit:
+        raise ValueError(f"{where}.context_length {s.context_length} exceeds the model's max_position_embeddings "
+                         f"({limit})")
+    return config
+
+
+@TEXT_TOWERS.register("hf", HFText)
+def _hf_text(s: HFText, embed_dim: int, quick_gelu: bool = False) -> nn.Module:
+    check_hf_text(s)
     return text_tower(s.open_clip_cfg(), embed_dim, quick_gelu)

@@ -8,6 +8,7 @@ from vlp.objectives import (  # noqa: F401,E402
     coconut,  # noqa: F401,E402
     contrastive,
     decoupled,
+    distill,  # noqa: F401,E402
     m3col,  # noqa: F401,E402
     mixing,
     mlcd,  # noqa: F401,E402
