@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.objectives import build_objective, contrastive
+from vlp.objectives import build_objective, contrastive, tiled
 from vlp.objectives.tiled import rows_infonce, symmetric_infonce, tiled_lse
 
 F64 = torch.float64
@@ -105,3 +105,32 @@ def test_half_precision_inputs_give_same_dtype_grads():
 def test_bad_settings_are_clear_errors(bad):
     with pytest.raises(ValueError, match="infonce"):
         build_objective({"name": "infonce", **bad})
+
+
+@pytest.mark.slow  # compiles the fused tile kernels (gcc), tens of seconds the first time on a cold cache
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_fused_tiles_match_plain_float32(rows_only, monkeypatch):
+    """Tiles of >= FUSE_MIN_ELEMS logits run torch.compile'd kernels (edge tiles here stay eager):
+    same value and gradients as the plain loss in float32, and the kernels did compile."""
+    monkeypatch.setattr(tiled, "FUSE_MIN_ELEMS", 128 * 128)
+    monkeypatch.setenv("VLP_TILED_COMPILE", "1")
+    x, y, s = _feats(300, d=32, dtype=torch.float32)
+    s.data.fill_(1 / 0.07)
+    if rows_only:
+        lse_r, _ = tiled_lse(x, y, s, 128)
+        ref = torch.logsumexp(s * x @ y.T, dim=1)
+        _assert_same(lse_r.sum(), ref.sum(), (x, y, s), rtol=1e-5)
+        assert tiled._FUSED.get("_fused_grad_rows") is not None
+    else:
+        _assert_same(symmetric_infonce(x, y, s, 128), _plain(x, y, s), (x, y, s), rtol=1e-5)
+        assert tiled._FUSED.get("_fused_grad") is not None
+    assert tiled._FUSED.get("_fused_lse") is not None
+
+
+def test_fused_tiles_off_by_env(monkeypatch):
+    monkeypatch.setenv("VLP_TILED_COMPILE", "0")
+    assert not tiled._use_fused(torch.zeros(1024, 1024))
+    monkeypatch.setenv("VLP_TILED_COMPILE", "1")
+    assert tiled._use_fused(torch.zeros(1024, 1024))
+    assert not tiled._use_fused(torch.zeros(1024, 1024, dtype=F64))  # float64 (the exactness tests): eager
+    assert not tiled._use_fused(torch.zeros(16, 16))  # small tiles: eager

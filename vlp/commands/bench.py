@@ -10,9 +10,18 @@ machine hits both alike; the median over repeats is reported.
 open_clip's ``ClipLoss`` on the same random unit-norm features (fp32), timed alternately
 in one process; the peak memory of each is measured in a fresh child process.
 
+``vlp bench loss --no-reference``: vlp's loss alone (time and peak), for batches where
+ClipLoss's two B x B logits do not fit (B = 32768: 8 GiB of fp32 logits before its gradients).
+
 ``vlp bench gradcache``: the gradient-cached ``Step`` (DeepSpeed engine, tiny model) at
 growing global batch with a fixed chunk: peak memory and step time per batch, plus the
 time of a cached step relative to an uncached one at the same batch.
+
+``vlp bench e2e``: the whole training job of a recipe (default the CLIP quickstart), built
+in-process as ``vlp train`` builds it (real loader and workers, logging, checkpoints; eval
+off unless ``--eval``), ``Trainer.fit()`` for ``--steps`` steps, then the same number of
+``trainer.step_fn`` calls on one preloaded batch; the share of the job's wall time that is not
+the model step, with the trainer's own phases timed (waiting for data, logging, checkpoints).
 
 Memory method. On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes
 before the call. On CPU: the process RSS high-water mark (``VmHWM``, reset through
@@ -28,15 +37,18 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
 from vlp import dist
+from vlp.config import check_run, load_config
+from vlp.data.digits import write_digits
 from vlp.engine.config import EngineConfig, GradCacheConfig
 from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
 from vlp.engine.optim import OptimConfig, build_optimizer
@@ -44,6 +56,7 @@ from vlp.engine.step import Step
 from vlp.models import create_model
 from vlp.models.factory import ModelConfig, open_clip_model_cfg
 from vlp.objectives import build_objective
+from vlp.train import Trainer
 
 
 def bench_model():
@@ -251,14 +264,18 @@ def _fwd_bwd(loss_fn: Callable, x, y, scale):
 def _loss_child(impl: str, batch: int, dim: int, tile_size: int, device: str) -> Dict:
     dev = torch.device(device)
     fn = _loss_fn(impl, tile_size)
-    _fwd_bwd(fn, *_unit_inputs(64, dim, dev))  # libraries' one-time buffers outside the measurement
+    # libraries' one-time buffers (and the tiled loss's compiled tile kernels) outside the measurement
+    _fwd_bwd(fn, *_unit_inputs(batch if impl == "vlp" else 64, dim, dev))
     inputs = _unit_inputs(batch, dim, dev)
     return {"peak_mb": _peak_mb(lambda: _fwd_bwd(fn, *inputs), dev)}
 
 
 def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: int = 2048,
-               device: str = "") -> Dict[str, float]:
+               device: str = "", reference: bool = True) -> Dict[str, float]:
+    """``reference=False``: vlp's time and peak only (ClipLoss's two B x B logits do not fit at large B)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not reference:
+        return _bench_loss_alone(batch, dim, repeats, tile_size, dev)
     inputs = _unit_inputs(batch, dim, dev)
     fns = {k: _loss_fn(k, tile_size) for k in ("vlp", "open_clip")}
     outs = {k: _fwd_bwd(fn, *inputs) for k, fn in fns.items()}  # also the warm-up
@@ -267,6 +284,8 @@ def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: i
     del outs
     secs = _alternate({k: (lambda fn=fn, inputs=inputs: _fwd_bwd(fn, *inputs)) for k, fn in fns.items()}, repeats, dev)
     del inputs
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the children need the memory ClipLoss's logits left cached here
     spec = {"kind": "loss", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev)}
     peak = dict(zip(fns, (r["peak_mb"] for r in _in_children([{**spec, "impl": k} for k in fns]))))
     return {
@@ -283,11 +302,30 @@ def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: i
     }
 
 
+def _bench_loss_alone(batch: int, dim: int, repeats: int, tile_size: int, dev: torch.device) -> Dict:
+    inputs = _unit_inputs(batch, dim, dev)
+    fn = _loss_fn("vlp", tile_size)
+    loss = _fwd_bwd(fn, *inputs)[0]  # also the warm-up (compiles the tile kernels)
+    secs = _alternate({"vlp": lambda: _fwd_bwd(fn, *inputs)}, repeats, dev)["vlp"]
+    spec = {"kind": "loss", "impl": "vlp", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev)}
+    peak = _in_child(spec)["peak_mb"]
+    return {
+        "vlp_s": round(secs, 4), "vlp_peak_mb": round(peak, 1), "loss": float(loss),
+        "open_clip_s": None, "open_clip_peak_mb": None, "speedup": None, "memory_ratio": None,
+        "open_clip_logits_mb": round(2 * batch * batch * 4 / 2**20, 1),  # its two B x B fp32 logits alone
+        "batch": batch, "dim": dim, "tile_size": tile_size, "repeats": repeats,
+        "device": str(dev), "threads": torch.get_num_threads(),
+    }
+
+
 def _run_loss(args) -> int:
     _at_least(args, 1, "batch", "dim", "repeats", "tile_size")
-    r = bench_loss(args.batch, args.dim, args.repeats, args.tile_size, args.device)
+    r = bench_loss(args.batch, args.dim, args.repeats, args.tile_size, args.device, not args.no_reference)
     if args.json:
         print(json.dumps(r))
+    elif args.no_reference:
+        print(f"InfoNCE fwd+bwd, batch {r['batch']} dim {r['dim']}: vlp {r['vlp_s']:.3f} s, peak "
+              f"{r['vlp_peak_mb']:.0f} MB (open_clip's logits alone would be {r['open_clip_logits_mb']:.0f} MB)")
     else:
         print(
             f"InfoNCE fwd+bwd, batch {r['batch']} dim {r['dim']}: vlp {r['vlp_s']:.3f} s, open_clip "
@@ -304,6 +342,8 @@ def _add_loss_parser(bsub) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tile-size", type=int, default=2048)
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="time vlp's loss alone (for batches where ClipLoss's B x B logits do not fit)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_loss)
 
@@ -387,6 +427,123 @@ def _add_gradcache_parser(bsub) -> None:
     p.set_defaults(func=_run_gradcache)
 
 
+# ---- bench e2e: the whole training job against its model steps alone -------------------
+
+E2E_CONFIG = "configs/quickstart/clip_digits.yaml"
+
+
+class _Clock:
+    """Wraps a callable and adds up the seconds spent in it (a Trainer's bound methods, its Step)."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+
+
+def _e2e_config(config: str, data: str, run_dir: str, steps: int, workers: int, evaluate: bool,
+                overrides: List[str]):
+    settings = [f"run.dir={run_dir}", f"data.train={os.path.join(data, 'train')}",
+                f"data.val={os.path.join(data, 'val')}", f"optim.steps={steps}", f"data.workers={workers}",
+                "logging.progress=false", "run.resume=false"]
+    if not evaluate:
+        settings += ["eval.every_steps=0", "eval.tasks=[]"]
+    return load_config(config, [*settings, *overrides])
+
+
+def bench_e2e(steps: int = 300, data: str = "", workers: int = 2, config: str = E2E_CONFIG,
+              evaluate: bool = False, overrides: Sequence[str] = ()) -> Dict:
+    """``Trainer.fit()`` of ``config`` for ``steps`` steps (real loader, logging, checkpoints; the eval
+    tasks too with ``evaluate``) next to ``steps`` calls of its ``Step`` on one preloaded batch.
+
+    ``overhead_share`` = 1 - (model-only seconds / fit seconds): the share of the job's wall time
+    that is not the model step. The breakdown times the trainer's own methods during the fit
+    (waiting for a batch, logging, checkpoints, eval); what remains is the loop itself.
+    ``data``: a folder with train/ and val/ (empty: ``vlp data digits`` into a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="vlp-bench-e2e-") as tmp:
+        if not data:
+            data = os.path.join(tmp, "digits")
+            write_digits(data)
+        cfg = _e2e_config(config, data, os.path.join(tmp, "run"), steps, workers, evaluate,
+                          list(overrides))
+        check_run(cfg)
+        trainer = Trainer(cfg)
+        step_fn = trainer.step_fn
+        clocks = {name: _Clock(getattr(trainer, name)) for name in ("next_batch", "_log_step", "save", "_log_eval")}
+        for name, clock in clocks.items():
+            setattr(trainer, name, clock)  # instance attributes shadow the methods for this trainer
+        trainer.step_fn = in_fit = _Clock(step_fn)
+        t = time.perf_counter()
+        result = trainer.fit()
+        fit_s = time.perf_counter() - t
+        trainer.step_fn = step_fn
+        loader = trainer.train_loader(epoch=0)
+        batch = next(iter(loader))  # preloaded: the model steps below read no data
+        del loader
+        device = trainer.device
+        t = time.perf_counter()
+        for i in range(steps):
+            step_fn(batch, step=i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        model_s = time.perf_counter() - t
+    samples = steps * cfg.data.batch_size * trainer.info.world_size
+    return {
+        "steps": steps, "batch_size": cfg.data.batch_size, "workers": workers, "eval": evaluate,
+        "fit_s": round(fit_s, 3),
+        "model_steps_s": round(model_s, 3),
+        "fit_samples_per_s": round(samples / fit_s, 2),
+        "model_samples_per_s": round(samples / model_s, 2),
+        "overhead_share": round(1.0 - model_s / fit_s, 4),
+        "steps_trained": result["step"],
+        "breakdown_s": {
+            "step_in_fit": round(in_fit.seconds, 3),
+            "data_wait": round(clocks["next_batch"].seconds, 3),
+            "logging": round(clocks["_log_step"].seconds, 3),
+            "checkpoints": round(clocks["save"].seconds, 3),
+            "eval": round(clocks["_log_eval"].seconds, 3),
+            "rest": round(fit_s - in_fit.seconds - sum(c.seconds for c in clocks.values()), 3),
+        },
+        "checkpoints_saved": clocks["save"].calls,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _run_e2e(args) -> int:
+    _at_least(args, 1, "steps")
+    _at_least(args, 0, "workers")
+    if args.data and not os.path.isdir(os.path.join(args.data, "train")):
+        raise FileNotFoundError(f"--data {args.data}: no train/ folder (write one with `vlp data digits --out DIR`)")
+    r = bench_e2e(args.steps, args.data, args.workers, args.config, args.eval, args.overrides)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    b = r["breakdown_s"]
+    print(f"{r['steps']} steps at batch {r['batch_size']}: fit {r['fit_s']:.2f} s ({r['fit_samples_per_s']:.1f} "
+          f"samples/s), model steps alone {r['model_steps_s']:.2f} s ({r['model_samples_per_s']:.1f} samples/s); "
+          f"not the model step: {100 * r['overhead_share']:.1f} % (data wait {b['data_wait']:.2f} s, logging "
+          f"{b['logging']:.2f} s, checkpoints {b['checkpoints']:.2f} s, eval {b['eval']:.2f} s)")
+    return 0
+
+
+def _add_e2e_parser(bsub) -> None:
+    p = bsub.add_parser("e2e", help="the quickstart job (loader, logging, checkpoints) vs its model steps alone")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--data", default="", help="folder with train/ and val/ (default: vlp data digits, temporary)")
+    p.add_argument("--workers", type=int, default=2, help="data.workers")
+    p.add_argument("--config", default=E2E_CONFIG, help="recipe (default: the CLIP quickstart)")
+    p.add_argument("--eval", action="store_true", help="keep the recipe's eval tasks in the job")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. model.embed_dim=32")
+    p.set_defaults(func=_run_e2e)
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time vlp against open_clip in one process")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -397,3 +554,4 @@ def add_bench_parser(sub) -> None:
     s.set_defaults(func=_run_step)
     _add_loss_parser(bsub)
     _add_gradcache_parser(bsub)
+    _add_e2e_parser(bsub)

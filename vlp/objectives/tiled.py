@@ -20,10 +20,19 @@ different (b, N) slabs, 2 × 4·b·N·D per rank against 6·b·N·D: tiling then
 for memory. The target terms of the cross-entropy are O(b·D) and left to autograd:
 
     CE_ε(row i) = lse_row_i − (1 − ε)·z_{i,pos(i)} − ε·mean_j z_ij,   mean_j z_ij = s·a_i·mean(C)
+
+Fused tiles. The elementwise work on a tile (the two LSEs in the forward; G in the backward)
+is as much time as its matmul when done op by op (each op one pass over T² floats). Large
+float32 tiles (≥ ``FUSE_MIN_ELEMS``) run it as ``torch.compile``d kernels instead: the forward's
+max / exp / sum / log for rows and columns, and the backward's whole G, one generated loop
+each (CPU: C++ through gcc; CUDA: Triton). Compiled once per tile shape (cached on disk by
+Inductor); if compiling fails, or ``VLP_TILED_COMPILE=0``, the eager ops below are used.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import os
+import warnings
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -58,6 +67,62 @@ class _Workspace:
         return self.z[:n].view(rows, cols), self.w[:n].view(rows, cols)
 
 
+# ---- fused tile kernels (module doc, "Fused tiles") ----------------------------------------
+
+FUSE_MIN_ELEMS = 1 << 18  # tiles of at least this many logits (512 x 512) use the compiled kernels
+_FUSED: dict = {}  # name -> compiled fn, or None once compiling failed
+
+
+def _fused_lse(z: torch.Tensor, lse_r: torch.Tensor, lse_c: torch.Tensor):
+    """Running (row, column) LSEs merged with tile ``z``'s; lse_c may be (0,): rows only."""
+    m = z.amax(1, keepdim=True)
+    row = torch.logaddexp(lse_r, (z - m).exp().sum(1).log() + m.squeeze(1))
+    if lse_c.numel() == 0:
+        return row, lse_c
+    mc = z.amax(0, keepdim=True)
+    return row, torch.logaddexp(lse_c, (z - mc).exp().sum(0).log() + mc.squeeze(0))
+
+
+def _fused_grad(z, lse_r, g_r, lse_c, g_c) -> torch.Tensor:
+    """G of one tile: g_i·softmax_row + h_j·softmax_col."""
+    return (z - lse_r[:, None]).exp() * g_r[:, None] + (z - lse_c[None, :]).exp() * g_c[None, :]
+
+
+def _fused_grad_rows(z, lse_r, g_r) -> torch.Tensor:
+    return (z - lse_r[:, None]).exp() * g_r[:, None]
+
+
+def _use_fused(z: torch.Tensor) -> bool:
+    if os.environ.get("VLP_TILED_COMPILE", "1") == "0" or z.dtype != torch.float32:
+        return False
+    return z.numel() >= FUSE_MIN_ELEMS and z.device.type in ("cpu", "cuda")
+
+
+def _kernel(fn: Callable) -> Optional[Callable]:
+    """``torch.compile(fn)``, built once; None (the eager path) where compiling is unavailable."""
+    name = fn.__name__
+    if name not in _FUSED:
+        try:
+            _FUSED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+        except Exception as e:  # noqa: BLE001 - any backend failure means: use the eager ops
+            warnings.warn(f"tiled InfoNCE: torch.compile unavailable ({e}); using eager tile ops")
+            _FUSED[name] = None
+    return _FUSED[name]
+
+
+def _run_fused(fn: Callable, *args):
+    """The compiled ``fn(*args)``, or None where it cannot run (then it is not tried again)."""
+    kernel = _kernel(fn)
+    if kernel is None:
+        return None
+    try:
+        return kernel(*args)
+    except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: fall back for good
+        warnings.warn(f"tiled InfoNCE: compiled tile kernel failed ({type(e).__name__}: {e}); using eager ops")
+        _FUSED[fn.__name__] = None
+        return None
+
+
 def _lse_pass(a_s, c, tile: int, cols: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row (and column) LSE of ``a_s·Cᵀ`` (a_s = s·A), one tile at a time."""
     lse_r = a_s.new_full((a_s.shape[0],), float("-inf"))  # (b,)
@@ -67,6 +132,13 @@ def _lse_pass(a_s, c, tile: int, cols: bool) -> Tuple[torch.Tensor, torch.Tensor
         for j0, j1 in _spans(c.shape[0], tile):
             z, w = ws.views(i1 - i0, j1 - j0)
             torch.mm(a_s[i0:i1], c[j0:j1].T, out=z)  # (tb, tc) logits
+            lc = lse_c[j0:j1] if cols else lse_c
+            fused = _run_fused(_fused_lse, z, lse_r[i0:i1], lc) if _use_fused(z) else None
+            if fused is not None:
+                lse_r[i0:i1] = fused[0]
+                if cols:
+                    lse_c[j0:j1] = fused[1]
+                continue
             torch.logaddexp(lse_r[i0:i1], _tile_lse(z, 1, w), out=lse_r[i0:i1])
             if cols:
                 torch.logaddexp(lse_c[j0:j1], _tile_lse(z, 0, w), out=lse_c[j0:j1])
@@ -94,7 +166,11 @@ def _grad_pass(a, c, s, lse_r, g_r, lse_c, g_c, tile: int, need_c: bool):
             torch.mm(a_s[i0:i1], c[j0:j1].T, out=z)
             gcol = None if g_c is None else g_c[j0:j1]
             lcol = None if g_c is None else lse_c[j0:j1]
-            p = _tile_grad(z, p, lse_r[i0:i1], g_r[i0:i1], lcol, gcol)  # (tb, tc)
+            fused = None
+            if _use_fused(z):
+                fused = (_run_fused(_fused_grad_rows, z, lse_r[i0:i1], g_r[i0:i1]) if gcol is None else
+                         _run_fused(_fused_grad, z, lse_r[i0:i1], g_r[i0:i1], lcol, gcol))
+            p = fused if fused is not None else _tile_grad(z, p, lse_r[i0:i1], g_r[i0:i1], lcol, gcol)  # (tb, tc)
             ga[i0:i1].addmm_(p, c[j0:j1])
             if need_c:
                 gc[j0:j1].addmm_(p.T, a[i0:i1])
