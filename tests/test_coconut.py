@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tests.tiny import PlainEngine, child_env, tiny_batch, tiny_model_cfg
 from vlp.data.continual import ContinualConfig, buffer_capacity, validate_continual
 from vlp.data.replay import ReplayBuffer, batch_rows, collate_rows
+from vlp.engine.checkpoint import FILES_KEY, META_FILE
 from vlp.engine.step import Step
 from vlp.eval.continual import summarize
 from vlp.models import create_model
@@ -340,7 +341,11 @@ def test_buffer_survives_checkpoint_and_resume(digits, tmp_path, monkeypatch):
     student = back.engine.module.state_dict()  # the step-3 weights: not the teacher's
     assert any(not torch.equal(p, student[n]) for n, p in back.teacher.state_dict().items())
     # without this rank's file (another number of ranks) the memory is rebuilt from task 0's data
-    os.remove(run / "checkpoints" / "step_00000003" / "client_rank0.pt")
+    tag = run / "checkpoints" / "step_00000003"
+    os.remove(tag / "client_rank0.pt")
+    meta = json.loads((tag / META_FILE).read_text())  # the checkpoint's own record no longer lists it
+    del meta[FILES_KEY]["client_rank0.pt"]
+    (tag / META_FILE).write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = resumed()
     assert [r["key"] for r in rebuilt.buffer.rows] == [r["key"] for r in saved["rows"]]
