@@ -23,6 +23,7 @@ from typing import Any, Dict
 import torch
 
 from vlp import dist
+from vlp.config import check_shards
 from vlp.data.config import DataConfig
 from vlp.eval import EVALUATORS, run_evaluator
 from vlp.eval.continual import METRICS, run_continual_eval
@@ -143,6 +144,10 @@ def _evaluate(args) -> int:
 
 
 def _run_evaluator(args):
+    for name in ("train", "val"):  # an evaluator's own data (linear probe): checked before any model loads
+        value = settings_values(args).get(name)
+        if value:
+            check_shards(f"--{name}", value, other_forms=True)
     cfg, model, tokenizer, transform = _load(args)
     ctx = eval_context(cfg, model, tokenizer, transform, _device(args), data=args.data,
                        progress=sys.stderr.isatty() and dist.rank() == 0)

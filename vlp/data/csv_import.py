@@ -41,6 +41,8 @@ def from_csv(
     ``{"samples", "shards", "skipped"}``.
     """
     csv_path = Path(csv_path)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if len(sep) != 1:
         raise ValueError(f"sep must be one character, got {sep!r}")
     if not csv_path.is_file():
