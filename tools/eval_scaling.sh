@@ -11,11 +11,11 @@ for i in $(seq "$copies"); do for f in "$data"/train/*.tar; do ln -s "$(realpath
 ln -s "$(realpath "$(ls "$data"/train/*.tar | sort | head -1)")" "$tmp/one/0.tar"
 spec=$tmp/all one=$tmp/one
 export OMP_NUM_THREADS=1
-t() { local s=$(date +%s.%N); "$@" > /dev/null; echo "$(date +%s.%N) - $s" | bc; }
+t() { local s=$(date +%s.%N); "$@" > /dev/null || { echo "failed: $*" >&2; exit 1; }; echo "$(date +%s.%N) - $s" | bc; }
 for ranks in 1 2; do
   if [ "$ranks" = 1 ]; then launch=("$py" -m vlp); else
     launch=("$py" -m torch.distributed.run --nproc_per_node 2 --master_port 29799 -m vlp); fi
-  full=$(t "${launch[@]}" eval zeroshot --checkpoint "$run" --data "$spec" --classnames "$data"/classnames.txt --json)
-  base=$(t "${launch[@]}" eval zeroshot --checkpoint "$run" --data "$one" --classnames "$data"/classnames.txt --json)
+  full=$(t "${launch[@]}" eval zeroshot --checkpoint "$run" --data "$spec" --classnames "$data"/classnames.txt --templates "$data"/zeroshot_classification_templates.txt --json)
+  base=$(t "${launch[@]}" eval zeroshot --checkpoint "$run" --data "$one" --classnames "$data"/classnames.txt --templates "$data"/zeroshot_classification_templates.txt --json)
   echo "{\"ranks\": $ranks, \"wall_s\": $full, \"startup_and_one_shard_s\": $base, \"eval_s\": $(echo "$full - $base" | bc)}"
 done
