@@ -168,6 +168,7 @@ EVAL = [
         ("unknown-key-yaml", ["--config", "<UNKNOWN_YAML>"], "optim.lrr"),
         ("batch-size-0", ["--checkpoint", "<R>", "--batch-size", "0"], "--batch-size"),
         ("batch-size-type", ["--checkpoint", "<R>", "--batch-size", "x"], "--batch-size"),
+        ("workers-negative", ["--checkpoint", "<R>", "--workers", "-1"], "--workers"),
         ("data-missing", ["--checkpoint", "<R>", "--data", "<NO>"], "nonexistent"),
         ("data-garbage-tar", ["--checkpoint", "<R>", "--data", "<GARBAGE>"], "shard-000000.tar"),
     ]),

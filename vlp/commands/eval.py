@@ -4,7 +4,7 @@ The subcommands are generated from ``vlp.eval.EVALUATORS``: every field of an ev
 settings dataclass becomes an option (``knn_k`` -> ``--knn-k``; a field's ``flags``
 metadata adds aliases, e.g. ``--C`` or ``--no-cache``), with the field's comment as help.
 Every subcommand also takes the model (``--checkpoint RUN_DIR`` or ``--config RECIPE``: the
-recipe's model at random init), ``--data`` (default: the run's data.val), ``--batch-size``,
+recipe's model at random init), ``--data`` (default: the run's data.val), ``--batch-size``, ``--workers``,
 ``--device`` and ``--json``.
 
 ``vlp eval suite --model M [M ...] --datasets FILE [--out DIR] [--json]`` runs zero-shot,
@@ -68,6 +68,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="a recipe YAML: its model at random init (run.seed)")
     p.add_argument("--data", help="shard folder or brace pattern (default: the run's data.val)")
     p.add_argument("--batch-size", type=int, help="eval batch size (default: the run's eval.batch_size)")
+    p.add_argument("--workers", type=int, help="data loader processes per rank (default: the run's data.workers)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a readable line")
 
@@ -115,6 +116,8 @@ def _load(args):
     """(cfg, model, tokenizer, eval_transform) of --checkpoint or --config."""
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.checkpoint is not None:
         if not os.path.exists(args.checkpoint):
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
@@ -123,6 +126,8 @@ def _load(args):
         loaded = load_model_from_recipe(args.config, device=_device(args))
     if args.batch_size is not None:
         loaded[0].eval.batch_size = args.batch_size
+    if args.workers is not None:
+        loaded[0].data.workers = args.workers
     return loaded
 
 

@@ -119,7 +119,9 @@ def build_loader(
         stream.epoch.value = epoch
         return stream.loader(persistent=False)
     counter = SkipCounter()
-    shards = _rank_shards(expand_spec(spec), rank, world_size, order_seed=None)  # a rank may get none
+    shards = _rank_shards(expand_spec(spec), rank, world_size, order_seed=None)
+    if not shards:  # more ranks than shards: this rank reads nothing but still joins the evaluators' collectives
+        return DataLoader([], batch_size=None)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
         wds.split_by_worker,
