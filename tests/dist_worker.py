@@ -5,6 +5,7 @@ and the full updated weights of every (stage, chunk) case to OUT.
     python tests/dist_worker.py OUT            |  torchrun --nproc_per_node 2 tests/dist_worker.py OUT
 VLP_DIST_CASES=infonce:2:0[,siglip:0:0...] runs only those (objective:stage:chunk) cases and
 also saves, under "ranks", what each process saw (rank, world, launcher variables, host, pid).
+VLP_DIST_TEACHER=RUN_DIR adds the ``distill`` variant (InfoNCE + KL to that teacher) for such cases.
 """
 import os
 import socket
@@ -32,6 +33,9 @@ SHORT = [(0, 0), (2, 0), (3, 4)]  # every other registered objective
 
 # named objective specs beyond registry defaults: the tiled InfoNCE path at a tiny size
 VARIANTS = {"infonce_tiled": {"name": "infonce", "tile_above": 0, "tile_size": 3}}
+if os.environ.get("VLP_DIST_TEACHER"):
+    VARIANTS["distill"] = {"name": "distill", "teacher": os.environ["VLP_DIST_TEACHER"], "base": {"name": "infonce"},
+                           "weight": 0.5}
 
 
 def cases():

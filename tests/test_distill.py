@@ -1,5 +1,8 @@
 """objective.name: distill: base objective + open_clip's DistillClipLoss KL term, frozen teacher (issue #15 i)."""
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -8,6 +11,7 @@ from open_clip.loss import DistillClipLoss
 
 from tests.helpers import TINY_MODEL, make_tiny_run
 from tests.test_gradcache import _assert_close, _full_graph_grads, _grads_after_step
+from tests.tiny import child_env, tiny_model_cfg
 from vlp.commands.export import export_open_clip
 from vlp.config import check_run, load_config
 from vlp.models import ModelConfig, create_model
@@ -95,3 +99,30 @@ def test_bad_teacher(teacher, match, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
         check_run(cfg)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path):
+    """The distill objective over 2 gloo ranks (each teacher forward on its own rows, the KL term over
+    the global batch) equals 1 process on the whole batch: ZeRO 0 and 3, with the gradient cache."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = os.path.join(root, "tests", "dist_worker.py")
+    small = tiny_model_cfg()  # the worker's student: the teacher reads the same tokens and images
+    teacher = make_tiny_run(tmp_path / "teacher", seed=1, embed_dim=small.embed_dim, image=small.image, text=small.text)
+    env = {**child_env(), "VLP_DIST_TEACHER": teacher, "VLP_DIST_CASES": "distill:0:0,distill:3:4"}
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    for cmd in ([sys.executable, worker, str(one)],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29761",
+                 worker, str(two)]):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
+    init = ref["init"]
+    for case in (("distill", 0, 0), ("distill", 3, 4)):
+        (ref_loss, ref_params), (loss, params) = ref[case], got[case]
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (case, loss, ref_loss)
+        moved = (ref_params["text.text_projection"] - init["text.text_projection"]).abs().max()
+        assert moved > 1e-3  # the step moved the weights: equality below is not trivial
+        for name, p in ref_params.items():
+            update = (p - init[name]).abs().max() if name in init else p.abs().max()
+            assert (params[name] - p).abs().max() <= 1e-4 * update + 1e-6, (case, name)

@@ -7,7 +7,19 @@ import open_clip
 import pytest
 import torch
 from open_clip.hf_model import HFTextEncoder
-from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, RobertaConfig, RobertaModel, RobertaTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    GPT2Config,
+    RobertaConfig,
+    RobertaModel,
+    RobertaTokenizer,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+    XLMRobertaTokenizerFast,
+)
 
 from tests.helpers import make_tiny_run
 from tests.tiny import tiny_model_cfg
@@ -31,9 +43,22 @@ def _byte_vocab():  # GPT-2's byte -> unicode table, for a byte-level BPE with n
     return [chr(c) for c in cs]
 
 
+def _xlmr_tokenizer() -> XLMRobertaTokenizerFast:
+    """XLM-R's tokenizer kind (a sentencepiece-style unigram model, "▁" word starts) built with
+    `tokenizers` alone: the real one needs a sentencepiece file, which cannot be downloaded here."""
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    letters = [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz▁"]  # unknown words split into letters
+    pieces = [(t, 0.0) for t in special] + [("▁" + w, -1.0) for w in WORDS] + letters
+    tok = Tokenizer(models.Unigram(pieces, unk_id=3))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return XLMRobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    """Tiny random BERT, RoBERTa (with tokenizers) and GPT-2 (a decoder) folders, written by save_pretrained."""
+    """Tiny random BERT, RoBERTa, XLM-R (with tokenizers) and GPT-2 (a decoder) folders, written by save_pretrained."""
     root = tmp_path_factory.mktemp("hf")
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=40)
@@ -48,6 +73,9 @@ def hf_dirs(tmp_path_factory):
     (root / "roberta" / "merges.txt").write_text("#version: 0.2\n")
     RobertaTokenizer(vocab=rvocab, merges=[]).save_pretrained(root / "roberta")
     RobertaModel(RobertaConfig(vocab_size=len(rvocab), pad_token_id=1, **small)).save_pretrained(root / "roberta")
+    xlmr = _xlmr_tokenizer()
+    xlmr.save_pretrained(root / "xlmr")
+    XLMRobertaModel(XLMRobertaConfig(vocab_size=len(xlmr), pad_token_id=1, **small)).save_pretrained(root / "xlmr")
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(root / "gpt2")
     return root
 
@@ -57,7 +85,8 @@ def _spec(path, **kw):
 
 
 @pytest.mark.parametrize("arch, pooler, proj", [("bert", "cls", "linear"), ("bert", "max", "mlp"),
-                                                ("roberta", "mean", "mlp"), ("roberta", "last_token", "linear")])
+                                                ("roberta", "mean", "mlp"), ("roberta", "last_token", "linear"),
+                                                ("xlmr", "mean", "mlp")])
 def test_hf_text_tower_is_open_clips(hf_dirs, arch, pooler, proj):
     cfg = tiny_model_cfg(text=_spec(hf_dirs / arch, pooler=pooler, proj=proj))
     with warnings.catch_warnings():
