@@ -1,6 +1,7 @@
 """AdamW as vlp builds it, with weight decay and clipping on (every equivalence test elsewhere uses
 plain SGD): the no-decay parameter groups, one DeepSpeed engine step against torch's AdamW in
 float64 on the clipped gradient, and the warmup + cosine schedule against its formula written out."""
+import copy
 import math
 
 import pytest
@@ -355,13 +356,30 @@ def test_resumed_schedule_keeps_per_group_base_lrs():
 
 
 def test_offloaded_adamw_is_deepspeed_cpu_adam_where_it_builds():
-    from deepspeed.git_version_info import installed_ops
+    from vlp.engine.optim import cpu_adam_built
 
-    model = torch.nn.Linear(2, 2)
-    if installed_ops.get("cpu_adam") or torch.cuda.is_available():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    if cpu_adam_built() or torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        assert isinstance(build_optimizer(model, OptimConfig(), offload=True), DeepSpeedCPUAdam)
-    else:  # this CPU machine cannot build the op in reasonable time: torch AdamW, one warning line
-        with pytest.warns(UserWarning, match="DeepSpeedCPUAdam unavailable"):
-            assert type(build_optimizer(model, OptimConfig(), offload=True)) is torch.optim.AdamW
+        ref = copy.deepcopy(model)
+        opt, ref_opt = build_optimizer(model, OptimConfig(), offload=True), build_optimizer(ref, OptimConfig())
+        assert isinstance(opt, DeepSpeedCPUAdam)
+        for _ in range(3):  # the same AdamW steps as torch's, decay groups included
+            for m, o in ((model, opt), (ref, ref_opt)):
+                o.zero_grad()
+                m(torch.ones(2, 4)).square().sum().backward()
+                o.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    else:
+        pytest.skip("cpu_adam is not built here (the fallback is tested below)")
+
+def test_offloaded_adamw_without_the_op_is_torch_adamw_with_one_warning(monkeypatch):
+    import vlp.engine.optim as optim
+
+    monkeypatch.setattr(optim, "cpu_adam_built", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="DeepSpeedCPUAdam unavailable"):
+        assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig(), offload=True)) is torch.optim.AdamW

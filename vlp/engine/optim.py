@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -163,14 +164,23 @@ def _timm_optimizer(groups: list, cfg: OptimConfig) -> torch.optim.Optimizer:
     return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
-def _cpu_adam(groups: list, cfg: OptimConfig) -> Optional[torch.optim.Optimizer]:
-    """DeepSpeedCPUAdam where its op is prebuilt or a GPU machine can JIT-build it (a CPU-only machine
-    is not: building takes minutes there); else None, with a one-line warning (torch AdamW then)."""
-    try:
-        from deepspeed.git_version_info import installed_ops
+def cpu_adam_built() -> bool:
+    """Whether DeepSpeed's cpu_adam op loads without a build: installed prebuilt (DS_BUILD_CPU_ADAM=1) or
+    JIT-built before into torch's extension cache (ninja then only checks it is up to date)."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT build puts the op
 
-        if not (installed_ops.get("cpu_adam") or torch.cuda.is_available()):
-            raise RuntimeError("its op is not prebuilt (DS_BUILD_CPU_ADAM=1) and no GPU machine to build it")
+    return bool(installed_ops.get("cpu_adam")) or os.path.exists(
+        os.path.join(_get_build_directory("cpu_adam", verbose=False), "cpu_adam.so"))
+
+
+def _cpu_adam(groups: list, cfg: OptimConfig) -> Optional[torch.optim.Optimizer]:
+    """DeepSpeedCPUAdam where its op is built (``cpu_adam_built``) or a GPU machine JIT-builds it; a
+    CPU-only machine does not build it unasked (about 4 minutes on 2 cores: docs/zero.md says how);
+    else None, with a one-line warning (torch AdamW then)."""
+    try:
+        if not (cpu_adam_built() or torch.cuda.is_available()):
+            raise RuntimeError("its op is not built: see docs/zero.md (offload)")
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adamw_mode=True)
