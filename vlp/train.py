@@ -18,6 +18,7 @@ from vlp.config import Config, save_config
 from vlp.data.stream import TrainData, build_loader
 from vlp.engine import checkpoint
 from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
+from vlp.engine.sharded import ShardedHeads
 from vlp.engine.step import Step
 from vlp.errors import PeerFailure, TrainingDiverged
 from vlp.eval import run_tasks
@@ -99,9 +100,11 @@ class Trainer:
                               seed=cfg.run.seed)
         self._resolve_budget()
         self.objective = build_objective(cfg.objective)
+        # heads with sharded: true keep this rank's rows outside the engine (vlp/engine/sharded.py)
+        self.sharded = ShardedHeads.split(model, cfg.optim, cfg.engine.precision)
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size)
         self.step_fn = Step(self.engine, self.objective, self.device, cfg.engine.grad_cache.chunk_size,
-                            total_steps=cfg.optim.steps, seed=cfg.run.seed)
+                            total_steps=cfg.optim.steps, seed=cfg.run.seed, sharded=self.sharded)
         rng.seed_all(cfg.run.seed + 1000 * self.info.rank + 1)  # per-rank dropout and augmentation
 
     # --- data -----------------------------------------------------------------------
@@ -166,7 +169,7 @@ class Trainer:
                 print(f"[vlp] warning: run.resume=false: starting fresh although {self.run_dir} has checkpoint "
                       f"{found[1]} (a new checkpoint of the same step replaces it)", flush=True)
             found = None, None
-        client = checkpoint.load(self.engine, *found) if found[1] else None
+        client = checkpoint.load(self.engine, *found, sharded=self.sharded) if found[1] else None
         if client is not None:
             self._follow_schedule()
             self.state = TrainState(**client["train_state"])
@@ -181,12 +184,12 @@ class Trainer:
     def _follow_schedule(self) -> None:
         """The restored optimizer holds the lr the saving run's schedule gave; a run resumed with other
         optim settings (more steps, another lr) continues on its own schedule from the first step."""
-        sched = self.scheduler
-        groups = sched.optimizer.param_groups
-        sched.base_lrs = list(sched.fresh_base_lrs)  # each group's base lr under this config (vlp/engine/optim.py)
-        for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
-            group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
-        sched._last_lr = [group["lr"] for group in groups]
+        for sched in [self.scheduler] + ([self.sharded.scheduler] if self.sharded else []):
+            groups = sched.optimizer.param_groups
+            sched.base_lrs = list(sched.fresh_base_lrs)  # each group's base lr under this config (vlp/engine/optim.py)
+            for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in groups]
 
     def save(self) -> None:
         checkpoint.save(
@@ -197,6 +200,7 @@ class Trainer:
              **self.client_state()},
             keep=self.cfg.run.keep_checkpoints,
             rank_state=self.rank_state(),
+            sharded=self.sharded,
         )
 
     # hooks for subclasses (vlp/continual.py): more checkpointed state, global and per rank
@@ -232,6 +236,8 @@ class Trainer:
         if self.engine.zero_optimization_stage() < 3:
             return self.engine.module
         weights = checkpoint.full_state_dict(self.engine)  # a collective: every rank
+        if self.sharded is not None:
+            weights.update(self.sharded.full_weights())  # the sharded heads whole, as create_model builds them
         saved = rng.state()  # building the copy draws init weights: keep the training RNG stream
         model = create_model(self.cfg.model, load_weights=False)
         rng.set_state(saved)

@@ -5,6 +5,7 @@ Layout of ``RUN_DIR/checkpoints``::
 
     step_00000100/            DeepSpeed files (sharded per rank at ZeRO>0),
                               rng_rank{r}.pt per rank, model.safetensors (full weights),
+                              heads_rank{r}.pt per rank with sharded heads (vlp/engine/sharded.py),
                               vlp.json (world size, ZeRO stage, step, and every file's size and sha256)
     latest                    text file naming the newest *complete* tag
 
@@ -251,9 +252,10 @@ def _retrace(engine) -> None:
 
 
 def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: int = 2,
-         rank_state: Optional[Dict[str, Any]] = None) -> str:
+         rank_state: Optional[Dict[str, Any]] = None, sharded=None) -> str:
     """``client_state`` is saved once (rank 0's model file) and loaded on every rank;
-    ``rank_state`` (e.g. a replay buffer filled from this rank's data) once per rank.
+    ``rank_state`` (e.g. a replay buffer filled from this rank's data) once per rank;
+    ``sharded`` (``ShardedHeads``) each rank's rows, and whole in model.safetensors.
     ``CheckpointWriteFailed`` (every rank) when a write fails: the partial folder is removed."""
     root = ckpt_dir(run_dir)
     tag = f"step_{step:08d}"
@@ -270,9 +272,13 @@ def save(engine, run_dir: str, step: int, client_state: Dict[str, Any], keep: in
     error = _deepspeed_save(engine, root, tmp, client_state)
     weights = full_state_dict(engine)  # a collective at ZeRO-3: every rank, failed or not
     _retrace(engine)
+    if sharded is not None:
+        weights.update(sharded.full_weights())  # a collective
     if error is None:
         try:
             torch.save(rng.state(), os.path.join(folder, f"rng_rank{dist.rank()}.pt"))
+            if sharded is not None:
+                sharded.save(folder)
             if rank_state is not None:
                 torch.save(rank_state, os.path.join(folder, f"client_rank{dist.rank()}.pt"))
             if dist.rank() == 0:
@@ -419,14 +425,16 @@ def intact_tag(run_dir: str, tag: str) -> str:
     raise CheckpointDamaged(f"checkpoint {where} is damaged: {damaged[0][1]}{others}")
 
 
-def load(engine, run_dir: str, tag: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """Restore engine (model, optimizer, scheduler) and RNG from ``tag`` (default ``latest``) of
-    ``run_dir``, verified first (``intact_tag``: a damaged latest falls back to the newest intact
-    checkpoint); its client state, or None when the run has no checkpoint."""
+def load(engine, run_dir: str, tag: Optional[str] = None, sharded=None) -> Optional[Dict[str, Any]]:
+    """Restore engine (model, optimizer, scheduler), ``sharded`` heads (re-sharded on another number
+    of ranks) and RNG from ``tag`` (default ``latest``) of ``run_dir``, verified first (``intact_tag``:
+    a damaged latest falls back to the newest intact checkpoint); its client state, or None when the
+    run has no checkpoint."""
     tag = tag or latest_tag(run_dir)
     if tag is None:
         return None
     tag = intact_tag(run_dir, tag)
+    folder = os.path.join(ckpt_dir(run_dir), tag)  # the universal copy below holds DeepSpeed's files only
     saved = _saved_world_size(run_dir, tag)
     universal = saved != dist.world_size() and engine.zero_optimization_stage() > 0
     if universal:  # ZeRO partitions the optimizer per rank: re-partition via DeepSpeed's universal format
@@ -438,6 +446,8 @@ def load(engine, run_dir: str, tag: Optional[str] = None) -> Optional[Dict[str, 
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir(run_dir)}")
+        if sharded is not None:
+            sharded.load(folder)
         rng_file = os.path.join(ckpt_dir(run_dir), tag, f"rng_rank{dist.rank()}.pt")
         if os.path.isfile(rng_file):  # absent when resuming with more ranks than were saved
             rng.set_state(torch.load(rng_file, weights_only=False))

@@ -11,6 +11,10 @@ Cached step for a local batch of b samples split into K chunks:
 4. one optimizer step. A non-finite total loss (known after step 2, before any
    backward) skips the step on every rank. Gradient reduction across ranks happens once: under
    ``engine.no_sync()`` for ZeRO-0 and ``engine.coalesce_grad_reduction()`` for ZeRO 1-3.
+
+Heads sharded over ranks (``vlp/engine/sharded.py``) are parameters outside the engine: the
+plain step's backward reaches them as ordinary leaves, the cached step takes their gradient
+with the representations' in step 2, and they take their own optimizer step after the engine's.
 """
 from __future__ import annotations
 
@@ -68,8 +72,9 @@ class Step:
     """Callable: ``step(batch) -> {name: float}``; does forward, backward and optimizer step."""
 
     def __init__(self, engine, objective: Objective, device: torch.device, chunk_size: int = 0,
-                 total_steps: int = 1, seed: int = 0):
+                 total_steps: int = 1, seed: int = 0, sharded=None):
         self.engine = engine
+        self.sharded = sharded  # ShardedHeads or None
         self.objective = objective
         self.device = device
         self.chunk_size = chunk_size
@@ -109,8 +114,13 @@ class Step:
         if not self._finite_everywhere(losses["loss"].detach()):
             return SKIPPED
         self.engine.backward(losses["loss"])
-        self.engine.step()
+        self._optimizer_step()
         return {k: v.detach() for k, v in losses.items()}
+
+    def _optimizer_step(self) -> None:
+        self.engine.step()
+        if self.sharded is not None:
+            self.sharded.step()
 
     def _cached(self, batch: Batch, n: int) -> Dict[str, torch.Tensor]:
         obj = self.objective
@@ -132,10 +142,13 @@ class Step:
             total = cross["loss"].detach() + sum(losses.values())
             if not self._finite_everywhere(total):
                 return SKIPPED
-            leaves = list(reps.values()) + list(scal.values())
+            own = self.sharded.parameters() if self.sharded is not None else []  # (K_r, D) rows
+            leaves = list(reps.values()) + list(scal.values()) + own
             grads = torch.autograd.grad(cross["loss"], leaves, allow_unused=True)
         g_rep = dict(zip(reps, grads[: len(reps)]))
-        g_scal = dict(zip(scal, grads[len(reps) :]))
+        g_scal = dict(zip(scal, grads[len(reps) : len(reps) + len(scal)]))
+        for p, g in zip(own, grads[len(reps) + len(scal) :]):  # the cross-sample part is their whole loss
+            p.grad = g
         # 3. re-encode each chunk with grad, replaying its RNG
         with self._one_reduction():
             start = 0
@@ -150,7 +163,7 @@ class Step:
                     surrogate = surrogate + value / n
                 self._backward(surrogate, last=i == len(chunks) - 1)
                 start += b
-        self.engine.step()
+        self._optimizer_step()
         return {**{k: v.detach() for k, v in cross.items()}, **losses, "loss": total}
 
     @contextlib.contextmanager

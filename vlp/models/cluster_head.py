@@ -9,19 +9,20 @@ The ``mlcd`` objective (``vlp/objectives/mlcd.py``) picks the centers scored eac
 (e.g. a forward outside training) it scores all K. The scale and margin are the loss's
 settings (as insightface's PartialFC keeps its margin in the loss, not in the FC layer).
 
-Large K: the head is an ordinary replicated parameter, so DeepSpeed owns it; ZeRO-3
-partitions the K×D matrix across ranks (each holds about K/W rows at rest and gathers it
-for the forward). ``ShardedClusterHead`` is the model-parallel alternative (each rank
-holds and scores only its K/W rows against the gathered batch, the loss combines per-shard
-sums with a differentiable all-reduce): it is exact (tests/test_mlcd.py, 2 gloo ranks) but
-its rows must not be averaged across ranks, so it needs an optimizer outside the DeepSpeed
-engine, which the trainer does not wire yet; it is not registered as a config head.
+Large K: by default the head is an ordinary replicated parameter, so DeepSpeed owns it; ZeRO-3
+partitions the K×D matrix across ranks (each holds about K/W rows at rest and gathers it for
+the forward). With ``sharded: true`` the trainer splits it (``ClusterHead.split``): each rank
+keeps only its rows in a ``ShardedClusterHead``, which is no submodule of the model, so
+DeepSpeed never sees (averages, partitions, gathers) them; ``vlp/engine/sharded.py`` steps
+them with their own optimizer, and the objective scores them in its cross-sample part against
+the gathered batch (``vlp.objectives.mlcd.sharded_rows``). Everything that loads a finished run
+builds the whole head (the checkpoint's model.safetensors holds all K rows).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,8 @@ class ClusterHeadConfig:
     # centers.safetensors from `vlp cluster` ((K, D) under "centers"); None = random unit rows
     centers: Optional[str] = None
     input: str = "image"  # which unit-norm model output the head scores
+    # true: in training each rank holds and optimizes only its K/W rows, outside DeepSpeed (PartialFC)
+    sharded: bool = False
 
 
 def load_centers(path: str) -> torch.Tensor:
@@ -75,16 +78,30 @@ class ClusterHead(nn.Module):
         super().__init__()
         self.input = cfg.input
         self.num_centers = cfg.num_centers
+        self.sharded = cfg.sharded
         self.weight = nn.Parameter(_initial_centers(cfg, embed_dim))  # (K, D), normalised in forward
         self.active: Optional[torch.Tensor] = None  # (S,) center ids, set per step by the objective
+        self.shard: Optional[ShardedClusterHead] = None  # this rank's rows once ``split``
 
     def set_active(self, ids: Optional[torch.Tensor]) -> None:
         """Score only these center ids (S,), in this order; None = all K."""
         self.active = ids
+        if self.shard is not None:
+            self.shard.set_active(ids)
+
+    def split(self, rank: int, world: int) -> ShardedClusterHead:
+        """Keep rows ``[lo, hi)`` of this rank in ``self.shard`` and drop the whole matrix."""
+        shard = ShardedClusterHead(self.weight.data, rank, world)
+        del self.weight
+        # not a submodule: the model's parameters (what DeepSpeed owns) must not include the shard
+        self.__dict__["shard"] = shard
+        return shard
 
     def forward(self, out: Tensors, inputs: Tensors) -> Tensors:
         if self.input not in out:
             raise ValueError(f"mlcd_cluster scores model output {self.input!r}, which this forward lacks")
+        if self.shard is not None:  # the cosines need the global batch: the objective's cross-sample part
+            return {}
         x = out[self.input]  # (B, D) unit-norm
         w = self.weight if self.active is None else self.weight[self.active.to(self.weight.device)]
         w = F.normalize(w, dim=-1)  # (S, D)
@@ -96,22 +113,28 @@ def _cluster_head(cfg: ClusterHeadConfig, embed_dim: int) -> nn.Module:
     return ClusterHead(cfg, embed_dim)
 
 
+def shard_rows(k: int, rank: int, world: int) -> Tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``rank``: K // W each, the last rank also takes the K % W left over."""
+    if k < world:
+        raise ValueError(f"a sharded mlcd_cluster head needs num_centers >= ranks, got {k} centers on {world} ranks")
+    per = k // world
+    return rank * per, (k if rank == world - 1 else (rank + 1) * per)
+
+
 class ShardedClusterHead(nn.Module):
-    """This rank's rows ``[lo, hi)`` of the K centers (K/W each, the last rank takes the rest).
+    """This rank's rows ``[lo, hi)`` of the K centers (``shard_rows``).
 
     ``forward(x)`` with this rank's unit-norm rows x (b, D) gathers the global batch
     (differentiably) and returns its cosines to the active centers of this shard
-    (W·b, S_r) together with their global ids (S_r,). ``vlp.objectives.mlcd.sharded_mlcd_loss``
+    (W·b, S_r) together with their global ids (S_r,). ``vlp.objectives.mlcd.sharded_rows``
     turns those into the loss of this rank's rows.
     """
 
     def __init__(self, centers: torch.Tensor, rank: Optional[int] = None, world: Optional[int] = None):
         super().__init__()
         rank, world = dist.rank() if rank is None else rank, dist.world_size() if world is None else world
-        k = centers.shape[0]
-        per = k // world
-        self.lo, self.hi = rank * per, (k if rank == world - 1 else (rank + 1) * per)
-        self.num_centers = k
+        self.num_centers = centers.shape[0]
+        self.lo, self.hi = shard_rows(self.num_centers, rank, world)
         self.weight = nn.Parameter(centers[self.lo : self.hi].clone())  # (K_r, D)
         self.active: Optional[torch.Tensor] = None
 
@@ -120,7 +143,7 @@ class ShardedClusterHead(nn.Module):
 
     def forward(self, x: torch.Tensor):
         x_all = dist.all_gather_with_grad(x)  # (N, D)
-        ids = torch.arange(self.lo, self.hi) if self.active is None else self.active
+        ids = torch.arange(self.lo, self.hi) if self.active is None else self.active.cpu()
         ids = ids[(ids >= self.lo) & (ids < self.hi)]  # (S_r,) this shard's active ids, in order
-        w = F.normalize(self.weight[ids - self.lo], dim=-1)  # (S_r, D)
-        return x_all @ w.T, ids  # (N, S_r), (S_r,)
+        w = F.normalize(self.weight[ids.to(self.weight.device) - self.lo], dim=-1)  # (S_r, D)
+        return x_all.to(w.dtype) @ w.T, ids  # (N, S_r) in the rows' precision (fp32 masters), (S_r,)

@@ -20,6 +20,11 @@ per-sample (summed over each chunk; the step divides by the local batch), so it 
 the gradient-cached step unchanged. ``contrastive_weight`` > 0 adds that multiple of the
 CLIP InfoNCE loss on image/text as the cross-sample part (``weight`` scales the cluster loss).
 
+A sharded head (``sharded: true``: each rank holds K/W centers, ``vlp/engine/sharded.py``)
+turns the cluster loss into a cross-sample one: each rank scores the gathered batch against
+its own active centers and a differentiable all-reduce adds the shards' sums
+(``sharded_rows``), so it runs once per step on the cached representations.
+
 Shapes: c rows in a chunk, l positives per row, K centers, S active centers.
 """
 from __future__ import annotations
@@ -103,8 +108,6 @@ class MLCDConfig:
 class MLCD(Objective):
     """Cluster discrimination as a per-sample loss; optional InfoNCE as the cross-sample part."""
 
-    batch_keys = ()
-
     def __init__(self, cfg: MLCDConfig, coupled: bool = False):
         super().__init__()
         if cfg.scale <= 0 or not 0.0 <= cfg.sample_ratio <= 1.0:
@@ -116,9 +119,11 @@ class MLCD(Objective):
         self.name = "mlc" if coupled else "mlcd"
         self.clip = InfoNCE(InfoNCEConfig()) if cfg.contrastive_weight > 0 else None
         self.rep_keys = ("image", "text") if self.clip else ("image",)
+        self.batch_keys = ()  # ("cluster_ids",) once begin_step meets a sharded head
         self.scalar_keys = ("logit_scale",) if self.clip else ()
         self._columns: Optional[torch.Tensor] = None  # (K,) center id -> active column, -1 if not active
         self._num_active = 0
+        self._shard = None  # the head's ShardedClusterHead when it is sharded
 
     def begin_step(self, ctx: StepContext) -> None:
         head = self._head(ctx.model)
@@ -129,7 +134,10 @@ class MLCD(Objective):
         k = head.num_centers
         if bool((ids < 0).any()) or bool((ids >= k).any()):
             raise ValueError(f"cluster_ids must lie in [0, {k}) for a head of {k} centers")
-        positives = dist.all_gather_no_grad(ids.to(next(head.parameters()).device)).cpu()  # (N, l)
+        self._shard = head.shard
+        self.batch_keys = ("cluster_ids",) if self._shard is not None else ()
+        device = (self._shard or head).weight.device
+        positives = dist.all_gather_no_grad(ids.to(device)).cpu()  # (N, l)
         active = sample_active(positives, k, self.cfg.sample_ratio, ctx.generator(_SAMPLE_SALT))  # (S,)
         self._columns = torch.full((k,), -1, dtype=torch.long)
         self._columns[active] = torch.arange(len(active))
@@ -144,14 +152,24 @@ class MLCD(Objective):
         return heads[self.cfg.head]
 
     def cross_sample(self, reps: Tensors, scalars: Tensors) -> Tensors:
-        if self.clip is None:  # no cross-sample part: a zero the cached step can differentiate
-            return {"loss": (reps["image"] * 0).sum()}
-        clip = self.clip.cross_sample(reps, scalars)["loss"]
-        return {"loss": self.cfg.contrastive_weight * clip, "contrastive": clip.detach()}
+        losses = {"loss": (reps["image"] * 0).sum()}  # no cross-sample part: a zero the cached step can differentiate
+        if self._shard is not None:
+            cos, shard_ids = self._shard(reps["image"])  # (N, S_r), (S_r,)
+            rows = sharded_rows(cos, shard_ids, reps["cluster_ids"], self.cfg.scale, self.cfg.margin,
+                                coupled=self.name == "mlc")  # (b,)
+            losses = {"loss": self.cfg.weight * rows.mean()}
+            losses[self.name] = losses["loss"].detach()
+        if self.clip is not None:
+            clip = self.clip.cross_sample(reps, scalars)["loss"]
+            losses["loss"] = losses["loss"] + self.cfg.contrastive_weight * clip
+            losses["contrastive"] = clip.detach()
+        return losses
 
     def per_sample(self, out: Tensors, batch: Dict) -> Tensors:
         if self._columns is None:
             raise AssertionError(f"{self.name}: begin_step must run before the forward")
+        if self._shard is not None:  # scored in cross_sample
+            return {}
         cos = out["cluster_cos"]  # (c, S)
         if cos.shape[1] != self._num_active:
             raise AssertionError("the head scored other centers than begin_step chose")
