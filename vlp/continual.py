@@ -16,6 +16,11 @@ When task t ends (the first batch of task t+1 is asked for, or training ends):
    the stream is filtered to the task's classes after decoding, so the pass (and the
    training stream) decode every class's samples and keep 1/T of them on T equal tasks.
 
+The lr (``continual.lr_schedule``): ``global`` runs optim's warmup and schedule once over the
+whole sequence, so the last tasks learn at a small lr; ``per_task`` restarts them with every
+task (``optim.warmup_steps`` of warmup, then the decay over ``steps_per_task``), so every task
+learns at the peak lr.
+
 Checkpoints add the number of finished tasks (global) and each rank's memory (per rank),
 so a resumed run continues with the same memory and the teacher of its task (read back
 from the task's snapshot). Resuming on a different number of ranks rebuilds the memory
@@ -26,7 +31,8 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+from dataclasses import replace
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,10 +42,19 @@ from vlp.config import Config
 from vlp.data.continual import buffer_capacity
 from vlp.data.replay import ReplayBuffer, batch_rows, collate_rows
 from vlp.engine import checkpoint
+from vlp.engine.optim import OptimConfig, lr_lambda
 from vlp.engine.step import model_inputs
 from vlp.models import create_model
 from vlp.runs import task_weights, write_tasks
 from vlp.train import Trainer
+
+
+def per_task_lr(optim: OptimConfig, steps_per_task: int) -> Callable[[int], float]:
+    """The lr multiplier of ``continual.lr_schedule: per_task``: optim's warmup and schedule over
+    ``steps_per_task`` steps, restarted at the first step of every task (a warmup as long as a task
+    never reaches the peak lr)."""
+    fn = lr_lambda(replace(optim, steps=steps_per_task))
+    return lambda step: fn(step % steps_per_task)
 
 
 class ContinualTrainer(Trainer):
@@ -57,6 +72,8 @@ class ContinualTrainer(Trainer):
         self.steps_per_task = cfg.optim.steps // n
         cfg.optim.steps = n * self.steps_per_task
         super().__init__(cfg)
+        if cc.lr_schedule == "per_task":
+            self._restart_schedule_per_task()
         modality = getattr(self.objective, "modality", cc.modality)
         if modality != cc.modality:
             raise ValueError(f"continual.modality ({cc.modality}) differs from the objective's modality ({modality})")
@@ -66,6 +83,13 @@ class ContinualTrainer(Trainer):
         self.tasks_done = 0  # tasks whose end (snapshot, teacher, memory update) is behind us
         self.teacher: Optional[torch.nn.Module] = None
         self._composed: Optional[Iterator[Dict[str, Any]]] = None
+
+    def _restart_schedule_per_task(self) -> None:
+        # the engine steps this scheduler; swapping its multiplier and re-deriving the current lr
+        # (as a resume does) is all it takes, and a resumed run rebuilds the same multiplier
+        fn = per_task_lr(self.cfg.optim, self.steps_per_task)
+        self.scheduler.lr_lambdas = [fn] * len(self.scheduler.lr_lambdas)
+        self._follow_schedule()
 
     # --- tasks ------------------------------------------------------------------------
     def task_at(self, step: int) -> int:

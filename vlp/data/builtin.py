@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Dict
 
 from vlp.data.digits import write_digits
+from vlp.data.digits_complementary import write_digits_complementary
 from vlp.data.digits_multimodal import write_digits_multimodal
 from vlp.data.spoken_digits import write_spoken_digits
 from vlp.data.tones import write_tones
@@ -41,3 +42,9 @@ def _spoken_digits(out: Path) -> Dict[str, int]:
 def _digits_multimodal(out: Path) -> Dict[str, int]:
     """Digit scans + texts naming the ink (and a noisy digit hint): 20 classes that need both modalities."""
     return write_digits_multimodal(out)
+
+
+@DATASETS.register("digits-complementary")
+def _digits_complementary(out: Path) -> Dict[str, int]:
+    """Occluded, noisy digit scans + texts naming noisy digit attributes: each modality holds part of the label."""
+    return write_digits_complementary(out)

@@ -7,6 +7,7 @@
       policy: class_balanced      # class_balanced (per-class reservoir) | random (reservoir)
       replay_fraction: 0.5        # share of each batch drawn from the memory once it holds samples
       modality: image             # the tower the frozen teacher encodes for NSPT (image | audio)
+      lr_schedule: per_task       # per_task: optim's warmup + decay within each task | global: over the run
 
 No ``tasks``: an ordinary (non-continual) run.
 """
@@ -21,6 +22,7 @@ from vlp.data.shards import expand_spec
 
 POLICIES = ("class_balanced", "random")
 MODALITIES = ("image", "audio")
+LR_SCHEDULES = ("global", "per_task")
 
 
 @dataclass
@@ -31,6 +33,9 @@ class ContinualConfig:
     policy: str = "class_balanced"  # replay memory: class_balanced (per-class reservoir) | random (reservoir)
     replay_fraction: float = 0.5  # of each batch, from the memory (tasks after the first)
     modality: str = "image"  # which features the teacher provides: image or audio
+    # global: optim's warmup + schedule span the whole task sequence (the last tasks train at a small lr);
+    # per_task: they restart with each task (warmup_steps, then the decay over steps_per_task)
+    lr_schedule: str = "global"
 
     @property
     def enabled(self) -> bool:
@@ -54,6 +59,8 @@ def validate_continual(cfg: ContinualConfig) -> None:
         raise ValueError(f"continual.replay_fraction must be in [0, 1), got {cfg.replay_fraction}")
     if cfg.modality not in MODALITIES:
         raise ValueError(f"continual.modality must be one of {', '.join(MODALITIES)}, got {cfg.modality!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"continual.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     parse_buffer_size(cfg.buffer_size)
 
 
