@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from tests.helpers import TINY_MODEL, noise_png
@@ -74,6 +75,8 @@ def paths(tmp_path_factory):
     p["WRONG_SHAPE"] = str(base / "wrong_shape.safetensors")  # the tiny CLIP at another embed_dim
     model = create_model(ModelConfig(**{**TINY_MODEL, "embed_dim": 48}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p["WRONG_SHAPE"])
+    p["CENTERS_BAD"] = str(base / "centers_bad.safetensors")  # (4, 5) centers for a head of 4 x embed_dim 32
+    save_file({"centers": torch.randn(4, 5)}, p["CENTERS_BAD"])
     p["OUT"] = str(base / "out")  # an earlier output folder: must stay as it is
     os.makedirs(p["OUT"])
     with open(os.path.join(p["OUT"], "keep.txt"), "w") as f:
@@ -128,6 +131,12 @@ TRAIN = [
     ("preset-file-missing", ["train", "<RCFG>", "run.dir=<R>", "engine.preset=<NO>.json"], "nonexistent.json"),
     ("cluster-labels-missing", ["train", "<RCFG>", "run.dir=<R>", "data.cluster_labels=<NO>"],
      "data.cluster_labels"),
+    ("centers-wrong-shape", ["train", "<RCFG>", "run.dir=<R>",
+                             "model.heads={cluster: {name: mlcd_cluster, num_centers: 4, centers: <CENTERS_BAD>}}"],
+     "centers_bad.safetensors"),
+    ("sharded-head-fp16", ["train", "<RCFG>", "run.dir=<R>", "engine.precision=amp_fp16",
+                           "model.heads={cluster: {name: mlcd_cluster, num_centers: 4, sharded: true}}"],
+     "model.heads.cluster.sharded"),
     ("resume-from-missing", ["train", "<RCFG>", "run.dir=<R>", "run.resume_from=<NO>"], "run.resume_from"),
     ("unknown-objective", ["train", "<RCFG>", "run.dir=<R>", "objective.name=nope"], "'nope'"),
     ("unknown-tower", ["train", "<RCFG>", "run.dir=<R>", "model.image.name=nope"], "'nope'"),
@@ -219,6 +228,7 @@ CLUSTER = [
     ("chunk-size-0", ["--checkpoint", "<R>", "--chunk-size", "0"], "--chunk-size"),
     ("batch-size-0", ["--checkpoint", "<R>", "--batch-size", "0"], "--batch-size"),
     ("iters-0", ["--checkpoint", "<R>", "--iters", "0"], "--iters"),
+    ("unknown-backend", ["--checkpoint", "<R>", "--backend", "nope"], "--backend"),
     ("out-is-a-file", ["--checkpoint", "<R>", "--out", "<EMPTY_TXT>"], "empty.txt"),
 ]
 # later options win: each row's own --data, --k, --out replace these defaults
@@ -250,6 +260,9 @@ BENCH = [
     ("gradcache-batches-0", ["gradcache", "--batches", "0"], "--batches"),
     ("gradcache-chunk-size-0", ["gradcache", "--chunk-size", "0"], "--chunk-size"),
     ("gradcache-chunk-must-divide", ["gradcache", "--batches", "64,100", "--chunk-size", "32"], "must divide"),
+    ("mlcd-k-0", ["mlcd", "--k", "0"], "--k"),
+    ("mlcd-dim-type", ["mlcd", "--dim", "x"], "--dim"),
+    ("mlcd-sample-ratio-0", ["mlcd", "--sample-ratio", "0"], "--sample-ratio"),
     ("unknown-bench", ["nope"], "'nope'"),
 ]
 BENCH = [(f"bench-{row}", ["bench", *argv], text) for row, argv, text in BENCH]

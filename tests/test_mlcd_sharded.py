@@ -2,6 +2,7 @@
 2 ranks equal one process with the unsharded head (tests/mlcd_sharded_worker.py), checkpoints
 resume exactly on the same ranks and re-shard on others, and a sharded run trains, evaluates,
 exports and clusters through the commands."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -125,8 +126,10 @@ def test_sharded_run_trains_resumes_evaluates_exports_and_clusters(tmp_path, cap
     assert torch.equal(model.heads["cluster"].weight.data, saved)
     oc = load_file(os.path.join(export(run, "open_clip", str(tmp_path / "oc")), "open_clip_model.safetensors"))
     assert not any(k.startswith("heads.") for k in oc)
+    backend = "faiss" if importlib.util.find_spec("faiss") else "torch"  # faiss-cpu: the optional extra
     assert main(["cluster", "--checkpoint", run, "--data", f"{tmp_path}/shards", "--k", "3", "--out",
-                 str(tmp_path / "clusters"), "--workers", "0"]) == 0
+                 str(tmp_path / "clusters"), "--workers", "0", "--backend", backend]) == 0
+    assert json.loads((tmp_path / "clusters" / "cluster.json").read_text())["backend"] == backend
     assert main(["eval", "linear-probe", "--checkpoint", run, "--train", f"{tmp_path}/shards", "--val",
                  f"{tmp_path}/shards", "--knn-k", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_val"] == 24

@@ -17,6 +17,13 @@ ClipLoss's two B x B logits do not fit (B = 32768: 8 GiB of fp32 logits before i
 growing global batch with a fixed chunk: peak memory and step time per batch, plus the
 time of a cached step relative to an uncached one at the same batch.
 
+``vlp bench mlcd``: the MLCD cluster head (K x D) in training steps of the ``mlcd`` objective on
+W = 1 and 2 gloo ranks (torchrun children), sharded (``sharded: true``, each rank's K/W rows and
+their AdamW state outside DeepSpeed) against the replicated head partitioned by ZeRO-3; per
+rank the peak memory over the timed steps (above the RSS before the model was built) and the
+median step time. The model is the head over one linear layer on random features, so the head
+is what is measured.
+
 ``vlp bench e2e``: the whole training job of a recipe (default the CLIP quickstart), built
 in-process as ``vlp train`` builds it (real loader and workers, logging, checkpoints; eval
 off unless ``--eval``), ``Trainer.fit()`` for ``--steps`` steps, then the same number of
@@ -52,8 +59,10 @@ from vlp.data.digits import write_digits
 from vlp.engine.config import EngineConfig, GradCacheConfig
 from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
 from vlp.engine.optim import OptimConfig, build_optimizer
+from vlp.engine.sharded import ShardedHeads
 from vlp.engine.step import Step
 from vlp.models import create_model
+from vlp.models.cluster_head import ClusterHead, ClusterHeadConfig
 from vlp.models.factory import ModelConfig, open_clip_model_cfg
 from vlp.objectives import build_objective
 from vlp.train import Trainer
@@ -544,6 +553,99 @@ def _add_e2e_parser(bsub) -> None:
     p.set_defaults(func=_run_e2e)
 
 
+# ---- bench mlcd: the sharded cluster head vs the ZeRO-3-partitioned one --------------------
+
+
+class _HeadModel(torch.nn.Module):
+    """Random features (b, D) -> one linear layer -> unit-norm ``image`` -> the cluster head."""
+
+    def __init__(self, k: int, dim: int, sharded: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+        self.heads = torch.nn.ModuleDict({"cluster": ClusterHead(ClusterHeadConfig(k, sharded=sharded), dim)})
+
+    def forward(self, inputs):
+        out = {"image": torch.nn.functional.normalize(self.proj(inputs["image"]), dim=-1)}
+        out.update(self.heads["cluster"](out, inputs))
+        return out
+
+
+def _mlcd_rank(k: int, dim: int, sharded: bool, batch: int, steps: int, ratio: float) -> Dict:
+    """One rank of a ``vlp bench mlcd`` child: this rank's peak MB and median step seconds."""
+    quiet_deepspeed()
+    info = dist.init_distributed("gloo")
+    base = _status_kb("VmRSS")
+    torch.manual_seed(0)
+    model = _HeadModel(k, dim, sharded)
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, steps=steps + 1)
+    heads = ShardedHeads.split(model, optim)
+    engine, _, _ = build_engine(model, EngineConfig(zero_stage=0 if sharded else 3), optim, batch)
+    step = Step(engine, build_objective({"name": "mlcd", "sample_ratio": ratio}), torch.device("cpu"),
+                total_steps=steps + 1, sharded=heads)
+    g = torch.Generator().manual_seed(info.rank)
+    data = {"image": torch.randn(batch, dim, generator=g), "cluster_ids": torch.randint(0, k, (batch, 1), generator=g)}
+    step(data)  # warm-up: optimizer states exist from here
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS (module doc)
+    times = [_sync_time(lambda: step(data), torch.device("cpu")) for _ in range(steps)]
+    return {"rank": info.rank, "peak_mb": (_status_kb("VmHWM") - base) / 1024, "step_s": statistics.median(times)}
+
+
+def _mlcd_child(spec: Dict) -> None:
+    """A torchrun rank: rank 0 prints every rank's result as one JSON line."""
+    rows = dist.all_gather_object(_mlcd_rank(**spec))
+    if dist.rank() == 0:
+        print(json.dumps(rows), flush=True)
+    os._exit(0)  # no teardown (see _child_main)
+
+
+def bench_mlcd(k: int, dim: int, batch: int = 32, steps: int = 3, ratio: float = 0.1,
+               worlds: Sequence[int] = (1, 2)) -> Dict:
+    """Per-rank peak memory and step time of each (head, W), each in its own torchrun launch."""
+    rows = []
+    for world in worlds:
+        for sharded in (True, False):
+            spec = {"k": k, "dim": dim, "sharded": sharded, "batch": batch, "steps": steps, "ratio": ratio}
+            env = {**{n: v for n, v in os.environ.items() if n not in _LAUNCH_VARS}, **_CHILD_ENV}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                   "--master_port", str(29810 + world), "-m", "vlp.commands.bench", json.dumps(spec)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench mlcd W={world} sharded={sharded} failed: {proc.stderr.strip()[-2000:]}")
+            ranks = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append({"head": "sharded" if sharded else "zero3", "world": world,
+                         "peak_mb": [r["peak_mb"] for r in ranks], "step_s": [r["step_s"] for r in ranks]})
+    return {"k": k, "dim": dim, "batch_per_rank": batch, "sample_ratio": ratio, "head_mb": k * dim * 4 / 2**20,
+            "rows": rows}
+
+
+def _run_mlcd(args) -> int:
+    _at_least(args, 1, "k", "dim", "batch", "steps")
+    if not 0 < args.sample_ratio <= 1:
+        raise ValueError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
+    if args.k < 2:
+        raise ValueError(f"--k must be >= 2 (one center per rank at W = 2), got {args.k}")
+    r = bench_mlcd(args.k, args.dim, args.batch, args.steps, args.sample_ratio)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for row in r["rows"]:
+        print(f"{row['head']:>7} W={row['world']}: peak/rank " + ", ".join(f"{m:.0f}" for m in row["peak_mb"])
+              + " MB, step " + ", ".join(f"{t:.3f}" for t in row["step_s"]) + " s")
+    return 0
+
+
+def _add_mlcd_parser(bsub) -> None:
+    p = bsub.add_parser("mlcd", help="MLCD cluster head: sharded over ranks vs ZeRO-3-partitioned, W = 1 and 2")
+    p.add_argument("--k", type=int, default=100_000, help="number of centers K")
+    p.add_argument("--dim", type=int, default=512, help="embedding dim D")
+    p.add_argument("--batch", type=int, default=32, help="samples per rank")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--sample-ratio", type=float, default=0.1, help="PartialFC share of the negatives scored")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_mlcd)
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time vlp against open_clip in one process")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -555,3 +657,8 @@ def add_bench_parser(sub) -> None:
     _add_loss_parser(bsub)
     _add_gradcache_parser(bsub)
     _add_e2e_parser(bsub)
+    _add_mlcd_parser(bsub)
+
+
+if __name__ == "__main__":  # a `vlp bench mlcd` rank under torchrun
+    _mlcd_child(json.loads(sys.argv[1]))

@@ -11,6 +11,8 @@
    ``kmeans_plusplus`` on a sample), then Lloyd iterations with cosine similarity and
    re-normalised centers. Assignment runs over chunks of ``--chunk-size`` rows, so no N×K
    matrix larger than chunk×K exists; the inertia Σ(1 - cos) is reported per iteration.
+   ``--backend faiss``: the same seeds, then faiss's spherical k-means (``faiss_spherical_kmeans``,
+   faiss-cpu as the optional extra ``vlp[faiss]``).
 3. Write ``DIR/centers.safetensors`` ((K, D) under "centers", the ``mlcd_cluster`` head's
    ``centers``), ``DIR/assignments.jsonl`` (one line per sample: ``{"key", "ids", "sims"}``,
    its l nearest centers, nearest first) and ``DIR/cluster.json`` (settings, inertia per
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 from vlp import dist
 from vlp.config import check_shards
-from vlp.data.clusters import assign_nearest, spherical_kmeans, write_outputs
+from vlp.data.clusters import assign_nearest, faiss_spherical_kmeans, spherical_kmeans, write_outputs
 from vlp.data.stream import build_loader
 from vlp.eval.common import image_dtype
 from vlp.runs import load_image_model
@@ -89,13 +91,16 @@ def run_cluster(args) -> Optional[Dict]:
     if gathered is not None:
         feats, keys = gathered  # (N, D)
         report = lambda i, v: print(f"[vlp cluster] iter {i}: inertia {v:.6f}", file=sys.stderr)  # noqa: E731
-        result = spherical_kmeans(feats, args.k, args.iters, args.chunk_size, args.seed, device, progress=progress,
-                                  report=report)
+        if args.backend == "faiss":
+            result = faiss_spherical_kmeans(feats, args.k, args.iters, args.seed, report=report)
+        else:
+            result = spherical_kmeans(feats, args.k, args.iters, args.chunk_size, args.seed, device,
+                                      progress=progress, report=report)
         centers = result.centers.to(device)
         sims, ids = assign_nearest(F.normalize(feats, dim=-1), centers, args.chunk_size, args.positives)
         summary = {"k": args.k, "positives": args.positives, "num_samples": len(keys), "dim": feats.shape[1],
                    "source": args.checkpoint or args.open_clip or args.config, "data": args.data,
-                   "iterations": len(result.inertia), "seed": args.seed}
+                   "iterations": len(result.inertia), "seed": args.seed, "backend": args.backend}
         write_outputs(args.out, result, keys, ids, sims, summary)
     dist.barrier()
     if info.world_size > 1:
@@ -118,6 +123,8 @@ def add_cluster_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0, help="k-means++ seed")
+    p.add_argument("--backend", choices=("torch", "faiss"), default="torch",
+                   help="Lloyd iterations on torch (default, chunked) or faiss (pip install 'vlp[faiss]')")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cluster)
     return p

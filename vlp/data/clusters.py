@@ -102,6 +102,39 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 20, chunk_size: int =
     return result
 
 
+def faiss_spherical_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init_sample: int = 100_000,
+                           report: Optional[Callable[[int, float], None]] = None) -> KMeansResult:
+    """Spherical k-means of the unit rows ``x`` (N, D) with faiss (``vlp cluster --backend faiss``, the
+    MLCD reference's library) from the same k-means++ seeds as ``spherical_kmeans``; faiss-cpu is an
+    optional extra (``pip install 'vlp[faiss]'``)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError("--backend faiss needs faiss-cpu: pip install 'vlp[faiss]'") from None
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"--k must be between 1 and the number of samples ({n}), got {k}")
+    x = F.normalize(x.float(), dim=-1)
+    seeds = _seed_centers(x, k, seed, init_sample).numpy()
+    # every row (faiss samples 256 per center by default), no warning below 39 rows per center
+    km = faiss.Kmeans(d, k, niter=iters, seed=seed, spherical=True, verbose=False,
+                      max_points_per_centroid=-(-n // k) + 1, min_points_per_centroid=1)
+    km.train(x.numpy(), init_centroids=seeds)
+    # faiss's spherical objective is Σ max cos (inner products): the inertia Σ(1 - cos) is n minus it
+    history = [n - s["obj"] for s in km.iteration_stats]
+    for i, value in enumerate(history if report is not None else []):
+        report(i + 1, value)
+    centers = F.normalize(torch.from_numpy(km.centroids.copy()), dim=-1)  # (K, D)
+    labels = assign_nearest(x, centers, 65536)[1][:, 0]  # (N,)
+    return KMeansResult(centers, labels, history, k - len(labels.unique()))
+
+
+def inertia(x: torch.Tensor, centers: torch.Tensor, chunk_size: int = 65536) -> float:
+    """Σ_i (1 - max_c cos(x_i, c)) of the unit rows ``x`` (N, D) and unit ``centers`` (K, D)."""
+    sims, _ = assign_nearest(F.normalize(x.float(), dim=-1), centers, chunk_size)
+    return float((1 - sims.double()).sum())
+
+
 # ------------------------------------------------------------------ outputs
 def write_outputs(out_dir: str, result: KMeansResult, keys: List[str], ids: torch.Tensor, sims: torch.Tensor,
                   summary: Dict) -> None:
