@@ -23,18 +23,16 @@ import time
 import traceback
 from typing import Any, Callable, Dict
 
-import open_clip
 import torch
-from open_clip.loss import ClipLoss
 
 from vlp import dist
-from vlp.commands.bench import bench_loss, bench_model
+from vlp.commands.bench import bench_loss, bench_model, open_clip_model, open_clip_step
 from vlp.engine.config import EngineConfig, GradCacheConfig
 from vlp.engine.deepspeed_engine import build_engine, quiet_deepspeed
-from vlp.engine.optim import OptimConfig, build_optimizer
+from vlp.engine.optim import OptimConfig
 from vlp.engine.step import Step
 from vlp.models import create_model
-from vlp.models.factory import ModelConfig, open_clip_model_cfg
+from vlp.models.factory import ModelConfig
 from vlp.objectives import build_objective
 
 GPU = {"model": "ViT-B-32", "batch": 4096, "chunk": 512, "steps": 20, "warmup": 3, "precision": "bf16",
@@ -100,29 +98,10 @@ def vlp_part(p: Dict, zero_stage: int, device: torch.device) -> Dict[str, Any]:
             "last_loss": round(losses[-1], 4), "zero_stage": zero_stage, "chunk": p["chunk"]}
 
 
-def _open_clip_step(p: Dict, batch_size: int, device: torch.device) -> Callable[[], float]:
-    torch.manual_seed(0)
-    cfg = open_clip_model_cfg(model_config(p["model"]))
-    cfg.pop("custom_text")
-    model = open_clip.CustomTextCLIP(**cfg).to(device)
-    opt_cfg = OptimConfig(warmup_steps=0)
-    optimizer = build_optimizer(model, opt_cfg)
-    loss_fn = ClipLoss()
+def _open_clip_step(p: Dict, batch_size: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    model = open_clip_model(model_config(p["model"]), device)
     batch = make_batch(model_config(p["model"]), model, batch_size, device, torch.float32)
-    amp = p["precision"] == "bf16"
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            img = model.encode_image(batch["image"], normalize=True)
-            txt = model.encode_text(batch["text"], normalize=True)
-            loss = loss_fn(img, txt, model.logit_scale.exp())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-        optimizer.step()
-        return loss.detach()
-
-    return step
+    return open_clip_step(model, batch, torch.bfloat16 if p["precision"] == "bf16" else None)
 
 
 def open_clip_part(p: Dict, device: torch.device) -> Dict[str, Any]:

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import open_clip
 import torch
@@ -96,23 +96,33 @@ def _vlp_step(batch, chunk_size: int = 0) -> Callable[[], None]:
     return lambda: step(batch)
 
 
-def _open_clip_step(batch) -> Callable[[], None]:
+def open_clip_model(cfg: ModelConfig, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """open_clip's own CLIP of ``cfg`` (its CustomTextCLIP, seed 0): the reference model."""
     torch.manual_seed(0)
-    cfg = open_clip_model_cfg(bench_model())
-    cfg.pop("custom_text")
-    model = open_clip.CustomTextCLIP(**cfg)
+    oc_cfg = open_clip_model_cfg(cfg)
+    oc_cfg.pop("custom_text")
+    return open_clip.CustomTextCLIP(**oc_cfg).to(device)
+
+
+def open_clip_step(model: torch.nn.Module, batch: Dict[str, torch.Tensor],
+                   autocast: Optional[torch.dtype] = None) -> Callable[[], torch.Tensor]:
+    """A plain open_clip training step (ClipLoss, vlp's AdamW groups, clip 1.0; autocast to ``autocast``
+    when given, as open_clip_train's amp): the loop vlp's step is compared with."""
     opt_cfg = OptimConfig(warmup_steps=0)
     optimizer = build_optimizer(model, opt_cfg)
     loss_fn = ClipLoss()
+    device = batch["image"].device
 
-    def step():
+    def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        img = model.encode_image(batch["image"], normalize=True)
-        txt = model.encode_text(batch["text"], normalize=True)
-        loss = loss_fn(img, txt, model.logit_scale.exp())
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            img = model.encode_image(batch["image"], normalize=True)
+            txt = model.encode_text(batch["text"], normalize=True)
+            loss = loss_fn(img, txt, model.logit_scale.exp())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
         optimizer.step()
+        return loss.detach()
 
     return step
 
@@ -126,7 +136,7 @@ def _time(fn: Callable[[], None]) -> float:
 def bench_step(batch_size: int = 128, repeats: int = 20, warmup: int = 3) -> Dict[str, float]:
     txt_cfg, img_cfg = bench_model().text, bench_model().image
     batch = _batch(batch_size, txt_cfg["context_length"], img_cfg["image_size"])
-    ours, ref = _vlp_step(batch), _open_clip_step(batch)
+    ours, ref = _vlp_step(batch), open_clip_step(open_clip_model(bench_model()), batch)
     for _ in range(warmup):
         ours(), ref()
     t_ours, t_ref = [], []
