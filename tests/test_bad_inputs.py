@@ -263,6 +263,7 @@ BENCH = [
     ("mlcd-k-0", ["mlcd", "--k", "0"], "--k"),
     ("mlcd-dim-type", ["mlcd", "--dim", "x"], "--dim"),
     ("mlcd-sample-ratio-0", ["mlcd", "--sample-ratio", "0"], "--sample-ratio"),
+    ("mlcd-heads-unknown", ["mlcd", "--heads", "sharded,nope"], "--heads"),
     ("unknown-bench", ["nope"], "'nope'"),
 ]
 BENCH = [(f"bench-{row}", ["bench", *argv], text) for row, argv, text in BENCH]

@@ -610,15 +610,15 @@ def _mlcd_child(spec: Dict) -> None:
 
 
 def bench_mlcd(k: int, dim: int, batch: int = 32, steps: int = 3, ratio: float = 0.1,
-               worlds: Sequence[int] = (1, 2)) -> Dict:
+               worlds: Sequence[int] = (1, 2), heads: Sequence[str] = ("sharded", "zero3")) -> Dict:
     """Per-rank peak memory and step time of each (head, W), each in its own torchrun launch."""
     rows = []
     for world in worlds:
-        for sharded in (True, False):
+        for sharded in (h == "sharded" for h in heads):
             spec = {"k": k, "dim": dim, "sharded": sharded, "batch": batch, "steps": steps, "ratio": ratio}
             env = {**{n: v for n, v in os.environ.items() if n not in _LAUNCH_VARS}, **_CHILD_ENV}
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                   "--master_port", str(29810 + world), "-m", "vlp.commands.bench", json.dumps(spec)]
+                   "--master_port", str(29820 + world), "-m", "vlp.commands.bench", json.dumps(spec)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench mlcd W={world} sharded={sharded} failed: {proc.stderr.strip()[-2000:]}")
@@ -635,7 +635,10 @@ def _run_mlcd(args) -> int:
         raise ValueError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
     if args.k < 2:
         raise ValueError(f"--k must be >= 2 (one center per rank at W = 2), got {args.k}")
-    r = bench_mlcd(args.k, args.dim, args.batch, args.steps, args.sample_ratio)
+    heads = args.heads.split(",")
+    if not heads or set(heads) - {"sharded", "zero3"}:
+        raise ValueError(f"--heads must be a comma-separated subset of sharded,zero3, got {args.heads!r}")
+    r = bench_mlcd(args.k, args.dim, args.batch, args.steps, args.sample_ratio, heads=heads)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -652,6 +655,7 @@ def _add_mlcd_parser(bsub) -> None:
     p.add_argument("--batch", type=int, default=32, help="samples per rank")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     p.add_argument("--sample-ratio", type=float, default=0.1, help="PartialFC share of the negatives scored")
+    p.add_argument("--heads", default="sharded,zero3", help="which heads to run (ZeRO-3 needs K·D·4 bytes x ~4.5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_mlcd)
 
