@@ -37,8 +37,8 @@ def test_train_transform_is_open_clips(timm):
            "model.image_resize_mode=squash"]
     cfg = load_config("configs/quickstart/clip_digits.yaml", TINY + AUG + extra + pre)
     model = create_model(cfg.model)
-    train, _ = build_transforms(cfg.model, model)
-    ours = train.with_aug(cfg.data.aug)  # what the training stream applies
+    train, _ = build_transforms(cfg.model, model)  # open_clip's default augmentation
+    ours, _ = build_transforms(cfg.model, model, aug=cfg.data.aug)
     aug = AugmentationCfg(scale=(0.5, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8,
                           gray_scale_prob=0.3, **(dict(use_timm=True, ratio=(0.8, 1.25), re_prob=0.5, re_count=2)
                                                   if timm else {}))
@@ -78,17 +78,16 @@ def test_bad_aug_and_preprocess_keys(override, key):
     assert "\n" not in str(e.value)
 
 
-def test_train_stream_applies_data_aug(tmp_path):
-    import webdataset as wds
-
+def test_the_trainer_streams_data_aug(tmp_path):
     from tests.helpers import noise_png
-    from vlp.data.stream import TrainStream
+    from vlp.data.shards import write_shards
+    from vlp.train import Trainer
 
-    with wds.TarWriter(str(tmp_path / "0.tar")) as sink:
-        sink.write({"__key__": "a", "png": noise_png(0), "txt": "x"})
-    cfg = load_config("configs/quickstart/clip_digits.yaml", TINY + AUG + [f"data.train={tmp_path}", "data.workers=0"])
-    model = create_model(cfg.model)
-    train, _ = build_transforms(cfg.model, model)
-    stream = TrainStream(cfg.data.train, cfg.data, image_transform=train, tokenizer=lambda t: t, rank=0,
-                         world_size=1, seed=0)
-    assert stream.image_transform.aug == cfg.data.aug
+    write_shards(tmp_path / "train", ({"__key__": f"s{i}", "png": noise_png(i), "txt": "x"} for i in range(4)), 4)
+    cfg = load_config("configs/quickstart/clip_digits.yaml", TINY + AUG + [
+        f"data.train={tmp_path / 'train'}", "data.val=null", "data.workers=0", f"run.dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.data.stream.image_transform.aug == cfg.data.aug  # the transform the stream applies
+    finally:
+        trainer.data.close()

@@ -94,7 +94,7 @@ class Trainer:
         rng.seed_all(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model).to(self.device)
         self.tokenizer = build_tokenizer(cfg.model, model)
-        self.train_transform, self.eval_transform = build_transforms(cfg.model, model)
+        self.train_transform, self.eval_transform = build_transforms(cfg.model, model, aug=cfg.data.aug)
         self.data = TrainData(cfg.data.train, cfg.data, image_transform=self.train_transform,
                               tokenizer=self.tokenizer, rank=self.info.rank, world_size=self.info.world_size,
                               seed=cfg.run.seed)

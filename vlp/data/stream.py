@@ -305,8 +305,6 @@ class TrainStream(IterableDataset):
                  rank: int, world_size: int, seed: int, resume: Optional[List[DataPosition]] = None):
         _check_args(cfg, rank, world_size)
         self.cfg, self.rank, self.seed, self.resume = cfg, rank, seed, resume
-        if hasattr(image_transform, "with_aug"):  # vlp.models' TrainTransform: data.aug applied here
-            image_transform = image_transform.with_aug(cfg.aug)
         self.image_transform, self.tokenizer = image_transform, tokenizer
         self.audio_transform = AudioTransform(cfg.audio, True) if cfg.audio_key else None
         self.epoch = multiprocessing.Value("i", 0)

@@ -288,15 +288,11 @@ def check_preprocess(cfg: ModelConfig) -> None:
 
 
 class TrainTransform:
-    """open_clip's training transform (``image_transform_v2``) for a PreprocessCfg and an AugmentationCfg;
-    ``with_aug(data.aug)`` is the same with the run's augmentation (the data stream applies it)."""
+    """open_clip's training transform (``image_transform_v2``) for a PreprocessCfg and ``data.aug``."""
 
     def __init__(self, pp: PreprocessCfg, aug: Optional[Dict[str, Any]] = None):
         self.pp, self.aug = pp, aug
         self.transform = image_transform_v2(pp, is_train=True, aug_cfg=augmentation_cfg(aug))
-
-    def with_aug(self, aug: Any) -> "TrainTransform":
-        return TrainTransform(self.pp, aug)
 
     def __call__(self, image: Any) -> Any:
         return self.transform(image)
@@ -316,8 +312,7 @@ def augmentation_cfg(aug: Any) -> AugmentationCfg:
 
 def build_transforms(cfg: ModelConfig, model: ContrastiveModel, aug: Any = None) -> Tuple[Callable, Callable]:
     """(train, eval) image transforms: open_clip's, sized for the image tower; (None, None) without one.
-    ``aug``: ``data.aug`` (None: open_clip's default AugmentationCfg; the train stream applies ``data.aug``
-    through ``TrainTransform.with_aug``)."""
+    ``aug``: the run's ``data.aug`` (None: open_clip's default AugmentationCfg); eval ignores it."""
     if model.open_clip_cfg.get("vision_cfg") is None:
         return None, None
     pp = PreprocessCfg(**preprocess_cfg(cfg, model))
