@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# COCONUT vs replay without NSPT vs fine-tuning (no replay), class-incremental, over seeds: trains each
+# with its recipe (configs/quickstart/coconut_<set>.yaml), evaluates every task snapshot with
+# `vlp eval continual`, and prints mean +- std (over seeds) of average accuracy, final accuracy and
+# forgetting, zero-shot and classifier head. Writes the data under OUT/data if missing; one thread per run.
+# usage: [SEEDS="0 1 2"] [OUT=runs/compare_continual] [JOBS=1] tools/compare_continual.sh digits|tones [KEY=VALUE ...]
+# (KEY=VALUE: config overrides for every run, e.g. continual.lr_schedule=global)
+set -euo pipefail -f  # -f: no globbing of overrides like [logits_fusion]
+set_name=${1:?usage: tools/compare_continual.sh digits|tones [KEY=VALUE ...]}; shift
+py=${PYTHON:-.venv/bin/python} seeds=${SEEDS:-0 1 2} out=${OUT:-runs/compare_continual} jobs=${JOBS:-1}
+recipe=configs/quickstart/coconut_$set_name.yaml data=$out/data/$set_name
+[ -f "$recipe" ] || { echo "no recipe $recipe" >&2; exit 2; }
+[ -f "$data/classnames.txt" ] || "$py" -m vlp data "$set_name" --out "$data" > /dev/null
+export OMP_NUM_THREADS=1
+declare -A methods=([coconut]="" [replay]="objective.nspt_weight=0" [finetune]="continual.buffer_size=0")
+
+one() {  # method seed: train, then the per-task eval into RUN.json
+  local run=$out/$set_name/$1_s$2
+  "$py" -m vlp train "$recipe" run.dir="$run" run.seed="$2" run.resume=false data.train="$data/train" \
+    data.val="$data/val" logging.progress=false run.checkpoint_every=0 'eval.tasks=[]' ${methods[$1]} "${@:3}" \
+    > "$run.log" 2>&1 || { echo "failed: $run (see $run.log)" >&2; return 1; }
+  "$py" -m vlp eval continual --checkpoint "$run" --data "$data/val" --json 2> "$run.eval.log" | tail -1 > "$run.json"
+  [ -s "$run.json" ] || { echo "eval failed: $run (see $run.eval.log)" >&2; return 1; }
+}
+
+mkdir -p "$out/$set_name"
+start=$(date +%s) pids=()
+for seed in $seeds; do
+  for method in coconut replay finetune; do
+    one "$method" "$seed" "$@" & pids+=($!)
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+  done
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+echo "$set_name: $(echo $seeds | wc -w) seeds, $(( $(date +%s) - start )) s, $(date +%F)"
+"$py" - "$out/$set_name" $seeds <<'EOF'
+import json, statistics, sys
+root, seeds = sys.argv[1], sys.argv[2:]
+def cell(values):
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+cols = [(way, key) for way in ("zeroshot", "classifier")
+        for key in ("average_accuracy", "final_accuracy", "average_forgetting")]
+print("| method | " + " | ".join(f"{w} {k.replace('average_', 'avg ').replace('_', ' ')}" for w, k in cols) + " |")
+print("|---" * (len(cols) + 1) + "|")
+for method, name in (("finetune", "fine-tuning (no replay)"), ("replay", "replay, no NSPT"), ("coconut", "COCONUT")):
+    runs = [json.load(open(f"{root}/{method}_s{s}.json")) for s in seeds]
+    print(f"| {name} | " + " | ".join(cell([r[w][k] for r in runs]) for w, k in cols) + " |")
+EOF
