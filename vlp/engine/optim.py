@@ -166,12 +166,21 @@ def _timm_optimizer(groups: list, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 def cpu_adam_built() -> bool:
     """Whether DeepSpeed's cpu_adam op loads without a build: installed prebuilt (DS_BUILD_CPU_ADAM=1) or
-    JIT-built before into torch's extension cache (ninja then only checks it is up to date)."""
+    JIT-built before into torch's extension cache by *this* DeepSpeed install (the cache is per user, not
+    per environment: ninja rebuilds, minutes, when its build file names another install's sources)."""
+    import deepspeed
     from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT build puts the op
 
-    return bool(installed_ops.get("cpu_adam")) or os.path.exists(
-        os.path.join(_get_build_directory("cpu_adam", verbose=False), "cpu_adam.so"))
+    if installed_ops.get("cpu_adam"):
+        return True
+    build = _get_build_directory("cpu_adam", verbose=False)
+    try:
+        with open(os.path.join(build, "build.ninja")) as f:
+            ours = os.path.dirname(deepspeed.__file__) in f.read()
+    except OSError:
+        return False
+    return ours and os.path.exists(os.path.join(build, "cpu_adam.so"))
 
 
 def _cpu_adam(groups: list, cfg: OptimConfig) -> Optional[torch.optim.Optimizer]:
