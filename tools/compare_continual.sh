@@ -6,6 +6,7 @@
 # usage: [SEEDS="0 1 2"] [OUT=runs/compare_continual] [JOBS=1] tools/compare_continual.sh digits|tones [KEY=VALUE ...]
 # (KEY=VALUE: config overrides for every run, e.g. continual.lr_schedule=global)
 set -euo pipefail -f  # -f: no globbing of overrides like [logits_fusion]
+. "$(dirname "$0")/compare_lib.sh"
 set_name=${1:?usage: tools/compare_continual.sh digits|tones [KEY=VALUE ...]}; shift
 py=${PYTHON:-.venv/bin/python} seeds=${SEEDS:-0 1 2} out=${OUT:-runs/compare_continual} jobs=${JOBS:-1}
 recipe=configs/quickstart/coconut_$set_name.yaml data=$out/data/$set_name
@@ -24,14 +25,8 @@ one() {  # method seed: train, then the per-task eval into RUN.json
 }
 
 mkdir -p "$out/$set_name"
-start=$(date +%s) pids=()
-for seed in $seeds; do
-  for method in coconut replay finetune; do
-    one "$method" "$seed" "$@" & pids+=($!)
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
-  done
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+start=$(date +%s)
+run_grid "$seeds" "coconut replay finetune" "$@"
 echo "$set_name: $(echo $seeds | wc -w) seeds, $(( $(date +%s) - start )) s, $(date +%F)"
 "$py" - "$out/$set_name" $seeds <<'EOF'
 import json, statistics, sys

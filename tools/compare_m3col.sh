@@ -7,6 +7,7 @@
 # usage: [SEEDS="0 1 2"] [OUT=runs/compare_m3col] [JOBS=1] tools/compare_m3col.sh [KEY=VALUE ...]
 # (KEY=VALUE: config overrides for every arm, e.g. optim.steps=400; objective.* ones reach the M3CoL arm only)
 set -euo pipefail -f  # -f: no globbing of overrides like [logits_fusion]
+. "$(dirname "$0")/compare_lib.sh"
 py=${PYTHON:-.venv/bin/python} seeds=${SEEDS:-0 1 2} out=${OUT:-runs/compare_m3col} jobs=${JOBS:-1}
 recipe=configs/quickstart/m3col_complementary.yaml data=$out/data/digits-complementary
 [ -f "$data/classnames.txt" ] || "$py" -m vlp data digits-complementary --out "$data" > /dev/null
@@ -24,14 +25,8 @@ one() {  # arm seed overrides...: train, then the heads' accuracy into RUN.json
 }
 
 mkdir -p "$out"
-start=$(date +%s) pids=()
-for seed in $seeds; do
-  for arm in m3col no_contrastive fusion_ce; do
-    one "$arm" "$seed" "$@" & pids+=($!)
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
-  done
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+start=$(date +%s)
+run_grid "$seeds" "m3col no_contrastive fusion_ce" "$@"
 echo "digits-complementary: $(echo $seeds | wc -w) seeds, $(( $(date +%s) - start )) s, $(date +%F); overrides: $*"
 "$py" - "$out" $seeds <<'EOF'
 import json, statistics, sys
