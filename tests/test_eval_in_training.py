@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.test_train_e2e import RECIPE, ROOT, TINY, _env, _metrics, digits, vlp  # noqa: F401  (fixture)
+from tests.test_train_e2e import RECIPE, ROOT, TINY, _env, _metrics, digits  # noqa: F401  (fixture)
+from vlp.cli import main
 
 TASKS = "eval.tasks=[{name: zeroshot}, {name: retrieval}, {name: val_loss}, {name: linear_probe, knn_k: 5}]"
 CHECKS = (("zeroshot", "top1"), ("retrieval", "text_to_image_R@5"), ("val-loss", "loss"),
@@ -18,7 +19,7 @@ CHECKS = (("zeroshot", "top1"), ("retrieval", "text_to_image_R@5"), ("val-loss",
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_rank_run_with_eval_finishes(digits, tmp_path, stage):  # noqa: F811  (fixture)
+def test_two_rank_run_with_eval_finishes(digits, tmp_path, stage, capsys):  # noqa: F811  (fixture)
     run = tmp_path / "run"
     # eval batches of 40 divide both digits val shards (200, 160): the same batches on 1 and 2 ranks
     args = [RECIPE, *TINY, f"data.train={digits}/train", f"data.val={digits}/val", f"run.dir={run}",
@@ -32,8 +33,9 @@ def test_two_rank_run_with_eval_finishes(digits, tmp_path, stage):  # noqa: F811
     assert [r["step"] for r in evals] == [2, 4] and evals[-1]["zeroshot_num_samples"] == 360
     for name, key in CHECKS:
         extra = ["--knn-k", "5"] if name == "linear-probe" else []
-        out = vlp("eval", name, "--checkpoint", str(run), *extra, "--json").stdout
-        metrics = json.loads(out.strip().splitlines()[-1])
+        capsys.readouterr()
+        assert main(["eval", name, "--checkpoint", str(run), *extra, "--json"]) == 0  # 1 process, in this one
+        metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         in_loop = evals[-1][f"{name.replace('-', '_')}_{key}"]
         assert abs(metrics[key] - in_loop) <= 1e-5 * max(1.0, abs(in_loop)), (name, metrics[key], in_loop)
     assert os.path.isfile(run / "checkpoints" / "latest")
