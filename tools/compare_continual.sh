@@ -3,8 +3,10 @@
 # with its recipe (configs/quickstart/coconut_<set>.yaml), evaluates every task snapshot with
 # `vlp eval continual`, and prints mean +- std (over seeds) of average accuracy, final accuracy and
 # forgetting, zero-shot and classifier head. Writes the data under OUT/data if missing; one thread per run.
-# usage: [SEEDS="0 1 2"] [OUT=runs/compare_continual] [JOBS=1] tools/compare_continual.sh digits|tones [KEY=VALUE ...]
-# (KEY=VALUE: config overrides for every run, e.g. continual.lr_schedule=global)
+# usage: [SEEDS="0 1 2"] [OUT=runs/compare_continual] [JOBS=1] [METHODS="coconut replay finetune"]
+#        tools/compare_continual.sh digits|tones [KEY=VALUE ...]
+# (KEY=VALUE: config overrides for the runs, e.g. continual.lr_schedule=global; METHODS: the arms to
+# train now, the table also shows the others' earlier runs in OUT, e.g. to vary only COCONUT's nspt_weight)
 set -euo pipefail -f  # -f: no globbing of overrides like [logits_fusion]
 . "$(dirname "$0")/compare_lib.sh"
 set_name=${1:?usage: tools/compare_continual.sh digits|tones [KEY=VALUE ...]}; shift
@@ -26,10 +28,10 @@ one() {  # method seed: train, then the per-task eval into RUN.json
 
 mkdir -p "$out/$set_name"
 start=$(date +%s)
-run_grid "$seeds" "coconut replay finetune" "$@"
+run_grid "$seeds" "${METHODS:-coconut replay finetune}" "$@"
 echo "$set_name: $(echo $seeds | wc -w) seeds, $(( $(date +%s) - start )) s, $(date +%F)"
 "$py" - "$out/$set_name" $seeds <<'EOF'
-import json, statistics, sys
+import json, os, statistics, sys
 root, seeds = sys.argv[1], sys.argv[2:]
 def cell(values):
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -39,6 +41,8 @@ cols = [(way, key) for way in ("zeroshot", "classifier")
 print("| method | " + " | ".join(f"{w} {k.replace('average_', 'avg ').replace('_', ' ')}" for w, k in cols) + " |")
 print("|---" * (len(cols) + 1) + "|")
 for method, name in (("finetune", "fine-tuning (no replay)"), ("replay", "replay, no NSPT"), ("coconut", "COCONUT")):
+    if not all(os.path.isfile(f"{root}/{method}_s{s}.json") for s in seeds):
+        continue  # an arm not in METHODS, never run in OUT
     runs = [json.load(open(f"{root}/{method}_s{s}.json")) for s in seeds]
     print(f"| {name} | " + " | ".join(cell([r[w][k] for r in runs]) for w, k in cols) + " |")
 EOF
