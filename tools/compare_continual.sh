@@ -17,13 +17,8 @@ recipe=configs/quickstart/coconut_$set_name.yaml data=$out/data/$set_name
 export OMP_NUM_THREADS=1
 declare -A methods=([coconut]="" [replay]="objective.nspt_weight=0" [finetune]="continual.buffer_size=0")
 
-one() {  # method seed: train, then the per-task eval into RUN.json
-  local run=$out/$set_name/$1_s$2
-  "$py" -m vlp train "$recipe" run.dir="$run" run.seed="$2" run.resume=false data.train="$data/train" \
-    data.val="$data/val" logging.progress=false run.checkpoint_every=0 'eval.tasks=[]' ${methods[$1]} "${@:3}" \
-    > "$run.log" 2>&1 || { echo "failed: $run (see $run.log)" >&2; return 1; }
-  "$py" -m vlp eval continual --checkpoint "$run" --data "$data/val" --json 2> "$run.eval.log" | tail -1 > "$run.json"
-  [ -s "$run.json" ] || { echo "eval failed: $run (see $run.eval.log)" >&2; return 1; }
+one() {  # method seed overrides...: train, then the per-task eval into RUN.json
+  train_eval "$out/$set_name/$1_s$2" continual run.seed="$2" run.checkpoint_every=0 ${methods[$1]} "${@:3}"
 }
 
 mkdir -p "$out/$set_name"

@@ -12,3 +12,14 @@ run_grid() {
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
 }
+
+# train_eval RUN TASK [KEY=VALUE ...]: `vlp train` of the script's $recipe on $data into RUN (log RUN.log),
+# then `vlp eval TASK` of it on $data/val, its JSON line into RUN.json (log RUN.eval.log)
+train_eval() {
+  local run=$1 task=$2
+  shift 2
+  "$py" -m vlp train "$recipe" run.dir="$run" run.resume=false data.train="$data/train" data.val="$data/val" \
+    logging.progress=false 'eval.tasks=[]' "$@" > "$run.log" 2>&1 || { echo "failed: $run (see $run.log)" >&2; return 1; }
+  "$py" -m vlp eval "$task" --checkpoint "$run" --data "$data/val" --json 2> "$run.eval.log" | tail -1 > "$run.json"
+  [ -s "$run.json" ] || { echo "eval failed: $run (see $run.eval.log)" >&2; return 1; }
+}

@@ -17,11 +17,7 @@ declare -A arms=([m3col]="" [no_contrastive]="objective.weight=0" [fusion_ce]="o
 one() {  # arm seed overrides...: train, then the heads' accuracy into RUN.json
   local run=$out/$1_s$2 extra=("${@:3}")
   [ "$1" = m3col ] || extra=($(printf '%s\n' "${extra[@]}" | grep -v '^objective\.' || true))
-  "$py" -m vlp train "$recipe" run.dir="$run" run.seed="$2" run.resume=false data.train="$data/train" \
-    data.val="$data/val" logging.progress=false 'eval.tasks=[]' "${extra[@]}" ${arms[$1]} \
-    > "$run.log" 2>&1 || { echo "failed: $run (see $run.log)" >&2; return 1; }
-  "$py" -m vlp eval classify --checkpoint "$run" --data "$data/val" --json 2> "$run.eval.log" | tail -1 > "$run.json"
-  [ -s "$run.json" ] || { echo "eval failed: $run (see $run.eval.log)" >&2; return 1; }
+  train_eval "$run" classify run.seed="$2" "${extra[@]}" ${arms[$1]}
 }
 
 mkdir -p "$out"
