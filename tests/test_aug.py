@@ -53,6 +53,34 @@ def test_train_transform_is_open_clips(timm):
     assert not torch.equal(_seeded(train, image, 0), _seeded(ours, image, 0))
 
 
+@pytest.mark.parametrize("extra", [[], AUG, ["data.aug.use_timm=true", "data.aug.re_prob=0.5"]])
+def test_split_train_transform_gives_the_same_batch(extra, tmp_path):
+    """Training batches made per sample as uint8 and normalized per batch (TrainTransform.split, what the
+    trainer uses) equal those of the whole transform per sample, bit for bit; timm's pipeline (random
+    erasing after the normalization) is not split."""
+    from tests.test_data_resume import TOKENIZER, _write
+    from vlp.data.config import DataConfig
+    from vlp.data.stream import TrainData
+
+    cfg = load_config("configs/quickstart/clip_digits.yaml", TINY + extra)
+    transform, _ = build_transforms(cfg.model, create_model(cfg.model), aug=cfg.data.aug)
+    if "data.aug.use_timm=true" in extra:
+        assert transform.split() is None
+        return
+    per_sample, per_batch = transform.split()
+    _write(tmp_path, n_shards=2, per_shard=24)
+    data_cfg = DataConfig(batch_size=8, workers=2, shuffle_buffer=4)
+    batches = []
+    for kwargs in ({"image_transform": transform}, {"image_transform": per_sample, "batch_transform": per_batch}):
+        data = TrainData(tmp_path, data_cfg, tokenizer=TOKENIZER, rank=0, world_size=1, seed=3, **kwargs)
+        batches.append([data.next() for _ in range(3)])
+        data.close()
+    for whole, split in zip(*batches):
+        assert whole["image"].dtype == split["image"].dtype == torch.float32 and whole["image"].shape[0] == 8
+        assert whole["key"] == split["key"] and torch.equal(whole["image"], split["image"])
+    assert per_sample(_image()).dtype == torch.uint8
+
+
 def test_force_keys_reach_the_model():
     cfg = load_config("configs/quickstart/clip_digits.yaml", [
         "model.open_clip=ViT-B-32", "model.force_image_size=64", "model.force_context_length=16",
@@ -88,6 +116,9 @@ def test_the_trainer_streams_data_aug(tmp_path):
         f"data.train={tmp_path / 'train'}", "data.val=null", "data.workers=0", f"run.dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg)
     try:
-        assert trainer.data.stream.image_transform.aug == cfg.data.aug  # the transform the stream applies
+        assert trainer.train_transform.aug == cfg.data.aug
+        # the stream applies its two parts: uint8 per sample, normalized per batch (same values)
+        assert trainer.data.stream.image_transform == trainer.train_transform.split()[0]
+        assert trainer.data.stream.batch_transform == trainer.train_transform.split()[1]
     finally:
         trainer.data.close()

@@ -94,6 +94,7 @@ TRAIN = [
     ("wrong-type", ["train", "<RCFG>", "run.dir=<R>", "optim.lr=fast"], "optim.lr"),
     ("wrong-type-section", ["train", "<RCFG>", "run.dir=<R>", "data=3"], "data"),
     ("batch-size-0", ["train", "<RCFG>", "run.dir=<R>", "data.batch_size=0"], "data.batch_size"),
+    ("worker-niceness-20", ["train", "<RCFG>", "run.dir=<R>", "data.worker_niceness=20"], "data.worker_niceness"),
     ("lr-0", ["train", "<RCFG>", "run.dir=<R>", "optim.lr=0"], "optim.lr"),
     ("lr-negative", ["train", "<RCFG>", "run.dir=<R>", "optim.lr=-1e-3"], "optim.lr"),
     ("steps-0", ["train", "<RCFG>", "run.dir=<R>", "optim.steps=0"], "optim.steps"),

@@ -1,6 +1,6 @@
 """Epochs and budgets: every rank takes the same steps per epoch (uneven shards, 2 ranks, through
 torchrun), a budget in epochs or in samples instead of optim.steps, and data workers that live
-through every epoch (no fork per epoch)."""
+through every epoch (no fork per epoch) at a lower CPU priority than the trainer."""
 import json
 import os
 import re
@@ -37,6 +37,23 @@ def test_workers_persist_across_epochs(tmp_path):
     fresh = TrainData(tmp_path, DataConfig(batch_size=4, workers=2, shuffle_buffer=0, persistent_workers=False),
                       image_transform=_pid, tokenizer=TOKENIZER, rank=0, world_size=1, seed=0)
     assert len(set().union(*[set(b["image"].flatten().tolist()) for b in _read(fresh, 99, epochs=3)])) == 6
+
+
+def _niceness(image):
+    return torch.tensor([os.nice(0)])
+
+
+@pytest.mark.parametrize("niceness", [0, 7])
+def test_workers_run_below_the_trainers_priority(tmp_path, niceness):
+    _write(tmp_path, n_shards=2, per_shard=8)
+    trainer = os.nice(0)
+    cfg = DataConfig(batch_size=4, workers=2, shuffle_buffer=0, worker_niceness=niceness)
+    data = TrainData(tmp_path, cfg, image_transform=_niceness, tokenizer=TOKENIZER, rank=0, world_size=1, seed=0)
+    batches = _read(data, 4, epochs=1)
+    data.close()
+    assert len(batches) == 4
+    assert {int(v) for b in batches for v in b["image"].flatten()} == {min(trainer + niceness, 19)}  # every worker
+    assert os.nice(0) == trainer  # the trainer's own priority is unchanged
 
 
 def test_epochs_count_the_batches_every_rank_yields(tmp_path):

@@ -22,7 +22,8 @@ def main() -> None:
     cfg = load_config(args.config, [f"data.train={args.train}", "data.val=null", "data.workers=0"])
     model = create_model(cfg.model)
     transform, _ = build_transforms(cfg.model, model, aug=cfg.data.aug)
-    loader = build_loader(cfg.data.train, cfg.data, image_transform=transform,
+    per_sample, per_batch = transform.split() or (transform, None)  # as the trainer streams it
+    loader = build_loader(cfg.data.train, cfg.data, image_transform=per_sample, batch_transform=per_batch,
                           tokenizer=build_tokenizer(cfg.model, model), rank=0, world_size=1, train=True)
     batches = iter(loader)
     next(batches)  # the shuffle buffer fills on the first batch

@@ -254,6 +254,8 @@ def check_ranges(cfg: Config) -> None:
         ("data.epoch_samples", getattr(data, "epoch_samples", None), 1),
     ):
         _need(value is None or value >= low, key, f">= {low}", value)
+    _need(0 <= data.worker_niceness <= 19, "data.worker_niceness", "in [0, 19] (0: the trainer's priority)",
+          data.worker_niceness)
     _need(optim.lr > 0, "optim.lr", "> 0", optim.lr)
     _need(optim.weight_decay >= 0, "optim.weight_decay", ">= 0", optim.weight_decay)
     _need(optim.eps > 0, "optim.eps", "> 0", optim.eps)

@@ -34,6 +34,7 @@ class DataConfig:
     batch_size: int = 64  # per rank
     workers: int = 2  # DataLoader workers per rank (at most train shards / ranks in one-pass mode)
     persistent_workers: bool = True  # keep training workers alive across epochs (no fork per epoch)
+    worker_niceness: int = 10  # workers' CPU priority below the trainer's (os.nice; 0: same priority)
     shuffle_buffer: int = 1000  # samples; 0 disables
     image_key: Optional[str] = "png;jpg;jpeg;webp"  # null: no image (an audio-text model)
     audio_key: Optional[str] = None  # e.g. "flac;wav": samples carry audio (vlp/data/audio.py)

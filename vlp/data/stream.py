@@ -45,6 +45,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import os
 import random
 import signal
 import time
@@ -107,15 +108,16 @@ def build_loader(
     epoch: int = 0,
     seed: int = 0,
     caption_optional: bool = False,
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> DataLoader:
     """One pass over this rank's share of ``spec``: with ``train``, epoch ``epoch`` of the training
     stream (``TrainStream``; a trainer uses ``TrainData``, which also resumes); else an ordered eval pass
     (``caption_optional``: clip_benchmark's rules, see ``build_eval_loader``; else a sample needs a caption,
-    as ``verify`` checks)."""
+    as ``verify`` checks). ``batch_transform``: train only, see ``TrainData``."""
     _check_args(cfg, rank, world_size)
     if train:
         stream = TrainStream(spec, cfg, image_transform=image_transform, tokenizer=tokenizer, rank=rank,
-                             world_size=world_size, seed=seed)
+                             world_size=world_size, seed=seed, batch_transform=batch_transform)
         stream.epoch.value = epoch
         return stream.loader(persistent=False)
     counter = SkipCounter()
@@ -138,16 +140,21 @@ def build_loader(
         pipeline,
         batch_size=None,  # the pipeline batches
         num_workers=min(cfg.workers, len(shards)),  # a worker without a shard would idle
-        worker_init_fn=_ignore_preemption,
+        worker_init_fn=partial(_init_worker, niceness=cfg.worker_niceness),
         pin_memory=torch.cuda.is_available(),
     )
 
 
-def _ignore_preemption(worker_id: int) -> None:
-    """A preemption signal sent to the whole job (SLURM --signal) must not kill the workers: the
-    trainer finishes its step and saves (vlp/train.py, Preemption); workers end with it."""
+def _init_worker(worker_id: int, niceness: int = 0) -> None:
+    """A DataLoader worker's start. A preemption signal sent to the whole job (SLURM --signal) must
+    not kill the workers: the trainer finishes its step and saves (vlp/train.py, Preemption); workers
+    end with it. ``niceness`` (``data.worker_niceness``) lowers the worker's CPU priority: where
+    decoding and the trainer's threads want more cores than there are, the step (the critical path)
+    is not preempted by a worker, and workers still take every idle cycle."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    if niceness:
+        os.nice(niceness)
 
 
 def build_eval_loader(
@@ -302,10 +309,12 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, spec: Any, cfg: DataConfig, *, image_transform: Optional[Callable], tokenizer: Callable,
-                 rank: int, world_size: int, seed: int, resume: Optional[List[DataPosition]] = None):
+                 rank: int, world_size: int, seed: int, resume: Optional[List[DataPosition]] = None,
+                 batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         _check_args(cfg, rank, world_size)
         self.cfg, self.rank, self.seed, self.resume = cfg, rank, seed, resume
         self.image_transform, self.tokenizer = image_transform, tokenizer
+        self.batch_transform = batch_transform  # the stacked images' last transform (see TrainData)
         self.audio_transform = AudioTransform(cfg.audio, True) if cfg.audio_key else None
         self.epoch = multiprocessing.Value("i", 0)
         if cfg.resampled:
@@ -337,7 +346,7 @@ class TrainStream(IterableDataset):
             batch_size=None,  # the stream batches
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
-            worker_init_fn=_ignore_preemption,
+            worker_init_fn=partial(_init_worker, niceness=self.cfg.worker_niceness),
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -386,7 +395,7 @@ class TrainStream(IterableDataset):
         for sample in samples:  # a batch is emitted with its last sample: its position is exact
             batch.append(sample)
             if len(batch) == self.cfg.batch_size:
-                yield _positioned(batch, counter, role)
+                yield _positioned(batch, counter, role, self.batch_transform)
                 batch = []
         # train drops the partial batch
 
@@ -457,15 +466,19 @@ def _close_at_exit(ref: "weakref.ReferenceType[TrainData]") -> None:
         data.close()
 
 
-def _positioned(samples: List[Dict[str, Any]], counter: SkipCounter, role: int) -> Dict[str, Any]:
-    """Collate a training batch and say where the stream is once it is consumed (``data_position``:
-    the role that made it, raw samples consumed per stream, streams finished)."""
+def _positioned(samples: List[Dict[str, Any]], counter: SkipCounter, role: int,
+                batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, Any]:
+    """Collate a training batch (``batch_transform`` on its stacked images) and say where the stream is
+    once it is consumed (``data_position``: the role that made it, raw samples consumed per stream,
+    streams finished)."""
     consumed: Dict[str, int] = {}
     done: set = set()
     for stream, pos, finished in (s.pop("_at") for s in samples):
         consumed[stream] = pos + 1
         done.update(finished)
     batch = _collate(samples, counter)
+    if batch_transform is not None and "image" in batch:
+        batch["image"] = batch_transform(batch["image"])
     batch["data_position"] = {"role": role, "consumed": consumed, "done": sorted(done)}
     return batch
 
@@ -474,12 +487,15 @@ class TrainData:
     """A trainer's data: this rank's batches epoch after epoch through one DataLoader (workers persist
     with ``data.persistent_workers``), and the ``DataPosition`` to checkpoint. ``next()`` gives the next
     batch or None at the end of this rank's epoch; ``consume(batch)`` records a batch as trained on;
-    ``next_epoch()`` moves on (the trainer decides when, so that every rank takes the same steps)."""
+    ``next_epoch()`` moves on (the trainer decides when, so that every rank takes the same steps).
+    ``batch_transform``: applied in the worker to each batch's stacked images after ``image_transform``
+    made each sample's (a transform's per-sample and per-batch parts, ``TrainTransform.split``)."""
 
     def __init__(self, spec: Any, cfg: DataConfig, *, image_transform: Optional[Callable], tokenizer: Callable,
-                 rank: int, world_size: int, seed: int, resume: Optional[List[Dict[str, Any]]] = None):
+                 rank: int, world_size: int, seed: int, resume: Optional[List[Dict[str, Any]]] = None,
+                 batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.stream = TrainStream(spec, cfg, image_transform=image_transform, tokenizer=tokenizer, rank=rank,
-                                  world_size=world_size, seed=seed)
+                                  world_size=world_size, seed=seed, batch_transform=batch_transform)
         self.loader = self.stream.loader(persistent=cfg.persistent_workers)
         self._batches: Optional[Iterator[Dict[str, Any]]] = None
         self.restore(resume)
@@ -487,7 +503,7 @@ class TrainData:
 
     def close(self) -> None:
         """Stop the DataLoader workers. Persistent ones would otherwise wait for work until the process
-        exits, where multiprocessing joins them forever (they ignore SIGTERM: see ``_ignore_preemption``)."""
+        exits, where multiprocessing joins them forever (they ignore SIGTERM: see ``_init_worker``)."""
         for it in (self._batches, getattr(self.loader, "_iterator", None)):
             if hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()

@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import open_clip
+import torch
 from open_clip.tokenizer import HFTokenizer
-from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, MaybeConvertMode, MaybeToTensor, PreprocessCfg, image_transform_v2
+from PIL import Image
 from torch import nn
+from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms import functional as F
 
 from vlp.models.audio import build_audio_tower
 from vlp.models.clip import ContrastiveModel
@@ -288,14 +292,39 @@ def check_preprocess(cfg: ModelConfig) -> None:
 
 
 class TrainTransform:
-    """open_clip's training transform (``image_transform_v2``) for a PreprocessCfg and ``data.aug``."""
+    """open_clip's training transform (``image_transform_v2``) for a PreprocessCfg and ``data.aug``.
+
+    ``split()``: the same transform in two parts, when it ends in ToTensor + Normalize after an RGB
+    conversion (open_clip's own pipelines; not timm's, whose random erasing follows the normalization):
+    ``per_sample`` stops at the uint8 (3, H, W) tensor and ``per_batch`` converts and normalizes the
+    stacked (B, 3, H, W) batch with the same float32 operations, so the batch is bit-identical, at
+    ~2 us of CPU per sample instead of ~110 us (32x32 images), and workers pass 4x fewer bytes."""
 
     def __init__(self, pp: PreprocessCfg, aug: Optional[Dict[str, Any]] = None):
         self.pp, self.aug = pp, aug
         self.transform = image_transform_v2(pp, is_train=True, aug_cfg=augmentation_cfg(aug))
+        steps = list(getattr(self.transform, "transforms", []))
+        self._split = (len(steps) >= 3 and any(isinstance(t, MaybeConvertMode) and t.mode == "RGB" for t in steps)
+                       and type(steps[-2]) in (MaybeToTensor, ToTensor) and type(steps[-1]) is Normalize)
+        if self._split:
+            self._head, self._normalize = Compose(steps[:-2]), steps[-1]
 
     def __call__(self, image: Any) -> Any:
         return self.transform(image)
+
+    def split(self) -> Optional[Tuple[Callable[[Any], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
+        """(per_sample, per_batch), or None when the transform does not end as described above."""
+        return (self._uint8, self._finish) if self._split else None
+
+    def _uint8(self, image: Any) -> torch.Tensor:
+        image = self._head(image)
+        if not isinstance(image, Image.Image) or image.mode != "RGB":
+            raise ValueError(f"the train transform's head gave {type(image).__name__}, not an RGB image")
+        return F.pil_to_tensor(image)  # (3, H, W) uint8
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> float: torchvision's to_tensor and Normalize, on the whole batch."""
+        return self._normalize(images.to(torch.get_default_dtype()).div(255))
 
     def __repr__(self) -> str:
         return repr(self.transform)
