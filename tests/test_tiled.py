@@ -101,7 +101,43 @@ def test_half_precision_inputs_give_same_dtype_grads():
     assert (gx.dtype, gy.dtype, gs.dtype) == (torch.bfloat16,) * 3 and torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("bad", [{"tile_size": 0}, {"tile_above": -1}, {"label_smoothing": 1.0}])
+def _grads(fn, inputs):
+    loss = fn(*inputs)
+    return (loss.detach(), *torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("keep", [37 * 37 * 8, 37 * 37 * 8 // 3, 8 * 8 * 8])  # all, a third, one tile
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_kept_tiles_give_the_recomputed_result_bit_for_bit(keep, dtype):
+    """Logit tiles kept from the forward are what the backward would recompute: loss and every
+    gradient equal to the recomputing run exactly (symmetric and rows forms)."""
+    inputs = _feats(37, dtype=dtype)
+    x, y, s = inputs
+    for fn in (lambda x, y, s, k: symmetric_infonce(x, y, s, 8, 0.1, k),
+               lambda x, y, s, k: rows_infonce(x[:20], y[:20], y, s, 8, 0.0, k)):
+        recomputed = _grads(lambda *a: fn(*a, 0), inputs)
+        kept = _grads(lambda *a: fn(*a, keep), inputs)
+        assert all(torch.equal(a, b) for a, b in zip(recomputed, kept))
+    _assert_same(symmetric_infonce(x, y, s, 8, 0.0, keep), _plain(x, y, s), inputs,
+                 rtol=1e-10 if dtype == F64 else 1e-5)
+
+
+def test_kept_tiles_stay_within_the_budget(monkeypatch):
+    kept, real = [], tiled._lse_pass
+
+    def spy(*args):
+        out = real(*args)
+        kept.append(dict(out[2]))  # a copy: the backward frees the tiles it uses
+        return out
+
+    monkeypatch.setattr(tiled, "_lse_pass", spy)
+    x, y, s = _feats(37)
+    symmetric_infonce(x, y, s, 8, keep_bytes=3 * 8 * 8 * 8 + 100)
+    assert len(kept[0]) == 3  # three full 8x8 float64 tiles fit; the 4th does not
+
+
+@pytest.mark.parametrize("bad", [{"tile_size": 0}, {"tile_above": -1}, {"label_smoothing": 1.0},
+                                 {"tile_keep_mb": -1}])
 def test_bad_settings_are_clear_errors(bad):
     with pytest.raises(ValueError, match="infonce"):
         build_objective({"name": "infonce", **bad})
@@ -124,6 +160,10 @@ def test_fused_tiles_match_plain_float32(rows_only, monkeypatch):
     else:
         _assert_same(symmetric_infonce(x, y, s, 128), _plain(x, y, s), (x, y, s), rtol=1e-5)
         assert tiled._FUSED.get("_fused_grad") is not None
+        # kept tiles through the compiled kernels: the recomputing run's result bit for bit
+        recomputed = _grads(lambda *a: symmetric_infonce(*a, 128), (x, y, s))
+        kept = _grads(lambda *a: symmetric_infonce(*a, 128, keep_bytes=2**30), (x, y, s))
+        assert all(torch.equal(a, b) for a, b in zip(recomputed, kept))
     assert tiled._FUSED.get("_fused_lse") is not None
 
 

@@ -268,10 +268,11 @@ def _unit_inputs(batch: int, dim: int, device: torch.device, seed: int = 0):
     return tuple(t.to(device).requires_grad_(True) for t in (x, y, scale))  # (N, D), (N, D), (1,)
 
 
-def _loss_fn(impl: str, tile_size: int) -> Callable:
+def _loss_fn(impl: str, tile_size: int, keep_mb: float = 0.0) -> Callable:
     if impl == "open_clip":
         return ClipLoss()
-    ours = build_objective({"name": "infonce", "tile_above": 0, "tile_size": tile_size})  # always tiled
+    ours = build_objective({"name": "infonce", "tile_above": 0, "tile_size": tile_size,  # always tiled
+                            "tile_keep_mb": keep_mb})
     return lambda x, y, s: ours.cross_sample({"image": x, "text": y}, {"logit_scale": s})["loss"]
 
 
@@ -280,9 +281,9 @@ def _fwd_bwd(loss_fn: Callable, x, y, scale):
     return (loss.detach(), *torch.autograd.grad(loss, (x, y, scale)))  # loss, dx, dy, ds
 
 
-def _loss_child(impl: str, batch: int, dim: int, tile_size: int, device: str) -> Dict:
+def _loss_child(impl: str, batch: int, dim: int, tile_size: int, device: str, keep_mb: float = 0.0) -> Dict:
     dev = torch.device(device)
-    fn = _loss_fn(impl, tile_size)
+    fn = _loss_fn(impl, tile_size, keep_mb)
     # libraries' one-time buffers (and the tiled loss's compiled tile kernels) outside the measurement
     _fwd_bwd(fn, *_unit_inputs(batch if impl == "vlp" else 64, dim, dev))
     inputs = _unit_inputs(batch, dim, dev)
@@ -290,13 +291,14 @@ def _loss_child(impl: str, batch: int, dim: int, tile_size: int, device: str) ->
 
 
 def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: int = 2048,
-               device: str = "", reference: bool = True) -> Dict[str, float]:
-    """``reference=False``: vlp's time and peak only (ClipLoss's two B x B logits do not fit at large B)."""
+               device: str = "", reference: bool = True, keep_mb: float = 0.0) -> Dict[str, float]:
+    """``reference=False``: vlp's time and peak only (ClipLoss's two B x B logits do not fit at large B).
+    ``keep_mb``: the tiled loss's ``tile_keep_mb`` (logit tiles kept for the backward)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not reference:
-        return _bench_loss_alone(batch, dim, repeats, tile_size, dev)
+        return _bench_loss_alone(batch, dim, repeats, tile_size, dev, keep_mb)
     inputs = _unit_inputs(batch, dim, dev)
-    fns = {k: _loss_fn(k, tile_size) for k in ("vlp", "open_clip")}
+    fns = {k: _loss_fn(k, tile_size, keep_mb) for k in ("vlp", "open_clip")}
     outs = {k: _fwd_bwd(fn, *inputs) for k, fn in fns.items()}  # also the warm-up
     diffs = [float((a - b).abs().max()) for a, b in zip(outs["vlp"], outs["open_clip"])]  # loss, dx, dy, ds
     scale_rel = diffs[3] / float(outs["open_clip"][3].abs().max())
@@ -305,7 +307,7 @@ def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: i
     del inputs
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the children need the memory ClipLoss's logits left cached here
-    spec = {"kind": "loss", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev)}
+    spec = {"kind": "loss", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev), "keep_mb": keep_mb}
     peak = dict(zip(fns, (r["peak_mb"] for r in _in_children([{**spec, "impl": k} for k in fns]))))
     return {
         "vlp_s": round(secs["vlp"], 4),
@@ -316,30 +318,34 @@ def bench_loss(batch: int = 8192, dim: int = 512, repeats: int = 5, tile_size: i
         "memory_ratio": round(peak["vlp"] / peak["open_clip"], 4),
         "max_abs_diff": max(diffs[:3]),  # loss, d image, d text
         "scale_grad_rel_diff": scale_rel,
-        "batch": batch, "dim": dim, "tile_size": tile_size, "repeats": repeats,
+        "batch": batch, "dim": dim, "tile_size": tile_size, "tile_keep_mb": keep_mb, "repeats": repeats,
         "device": str(dev), "threads": torch.get_num_threads(),
     }
 
 
-def _bench_loss_alone(batch: int, dim: int, repeats: int, tile_size: int, dev: torch.device) -> Dict:
+def _bench_loss_alone(batch: int, dim: int, repeats: int, tile_size: int, dev: torch.device,
+                      keep_mb: float = 0.0) -> Dict:
     inputs = _unit_inputs(batch, dim, dev)
-    fn = _loss_fn("vlp", tile_size)
+    fn = _loss_fn("vlp", tile_size, keep_mb)
     loss = _fwd_bwd(fn, *inputs)[0]  # also the warm-up (compiles the tile kernels)
     secs = _alternate({"vlp": lambda: _fwd_bwd(fn, *inputs)}, repeats, dev)["vlp"]
-    spec = {"kind": "loss", "impl": "vlp", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev)}
+    spec = {"kind": "loss", "impl": "vlp", "batch": batch, "dim": dim, "tile_size": tile_size, "device": str(dev),
+            "keep_mb": keep_mb}
     peak = _in_child(spec)["peak_mb"]
     return {
         "vlp_s": round(secs, 4), "vlp_peak_mb": round(peak, 1), "loss": float(loss),
         "open_clip_s": None, "open_clip_peak_mb": None, "speedup": None, "memory_ratio": None,
         "open_clip_logits_mb": round(2 * batch * batch * 4 / 2**20, 1),  # its two B x B fp32 logits alone
-        "batch": batch, "dim": dim, "tile_size": tile_size, "repeats": repeats,
+        "batch": batch, "dim": dim, "tile_size": tile_size, "tile_keep_mb": keep_mb, "repeats": repeats,
         "device": str(dev), "threads": torch.get_num_threads(),
     }
 
 
 def _run_loss(args) -> int:
     _at_least(args, 1, "batch", "dim", "repeats", "tile_size")
-    r = bench_loss(args.batch, args.dim, args.repeats, args.tile_size, args.device, not args.no_reference)
+    _at_least(args, 0, "tile_keep_mb")
+    r = bench_loss(args.batch, args.dim, args.repeats, args.tile_size, args.device, not args.no_reference,
+                   args.tile_keep_mb)
     if args.json:
         print(json.dumps(r))
     elif args.no_reference:
@@ -360,6 +366,8 @@ def _add_loss_parser(bsub) -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tile-size", type=int, default=2048)
+    p.add_argument("--tile-keep-mb", type=float, default=0.0,
+                   help="logit tiles kept for the backward, in MB (objective.tile_keep_mb; all: B*B*4 bytes)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-reference", action="store_true",
                    help="time vlp's loss alone (for batches where ClipLoss's B x B logits do not fit)")

@@ -61,6 +61,7 @@ class InfoNCEConfig:
     label_smoothing: float = 0.0  # of the cross-entropy over the global batch
     tile_above: int = 4096  # global batch N above which the loss is tiled (no (b, N) logits)
     tile_size: int = 2048  # T: rows and columns of one logit tile; memory ~ 2·T² floats (32 MB fp32)
+    tile_keep_mb: float = 0.0  # logit tiles kept for the backward, up to this many MB (all: N² floats; faster)
 
 
 class InfoNCE(Objective):
@@ -74,6 +75,8 @@ class InfoNCE(Objective):
             raise ValueError(
                 f"infonce needs tile_above >= 0 and tile_size >= 1, got {cfg.tile_above} and {cfg.tile_size}"
             )
+        if cfg.tile_keep_mb < 0:
+            raise ValueError(f"infonce tile_keep_mb must be >= 0, got {cfg.tile_keep_mb}")
         self.cfg = cfg
         self.label_smoothing = cfg.label_smoothing
         self.pairs = modality_pairs(cfg.modalities)
@@ -100,11 +103,12 @@ class InfoNCE(Objective):
         return 0.5 * (ce(scale * x @ y_all.T) + ce(scale * y @ x_all.T))  # (b, N) logits each
 
     def _tiled(self, x, y, x_all, y_all, scale):
-        t, eps = self.cfg.tile_size, self.label_smoothing
+        t, eps, keep = self.cfg.tile_size, self.label_smoothing, int(self.cfg.tile_keep_mb * 2**20)
         if dist.world_size() == 1:  # s·Y·Xᵀ is the transpose of s·X·Yᵀ: one pass serves both directions
-            return symmetric_infonce(x, y, scale, t, eps)
-        # local rows against global columns: the two directions are different (b, N) slabs
-        return 0.5 * (rows_infonce(x, y, y_all, scale, t, eps) + rows_infonce(y, x, x_all, scale, t, eps))
+            return symmetric_infonce(x, y, scale, t, eps, keep)
+        # local rows against global columns: the two directions are different (b, N) slabs (half the budget each)
+        return 0.5 * (rows_infonce(x, y, y_all, scale, t, eps, keep // 2)
+                      + rows_infonce(y, x, x_all, scale, t, eps, keep // 2))
 
 
 @OBJECTIVES.register("infonce", InfoNCEConfig)

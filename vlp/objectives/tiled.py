@@ -21,6 +21,11 @@ for memory. The target terms of the cross-entropy are O(b·D) and left to autogr
 
     CE_ε(row i) = lse_row_i − (1 − ε)·z_{i,pos(i)} − ε·mean_j z_ij,   mean_j z_ij = s·a_i·mean(C)
 
+Kept tiles. With ``keep_bytes`` > 0 the forward keeps its logit tiles, up to that many bytes, and the
+backward uses them instead of recomputing them: each kept tile saves one of its three backward
+matmuls (all kept: 3·N²·D multiply-adds instead of 4). The kept logits are the recomputed ones bit for
+bit, so the loss and gradients do not change; memory grows by the kept tiles (N² floats for all).
+
 Fused tiles. The elementwise work on a tile (the two LSEs in the forward; G in the backward)
 is as much time as its matmul when done op by op (each op one pass over T² floats). Large
 float32 tiles (≥ ``FUSE_MIN_ELEMS``) run it as ``torch.compile``d kernels instead: the forward's
@@ -123,14 +128,20 @@ def _run_fused(fn: Callable, *args):
         return None
 
 
-def _lse_pass(a_s, c, tile: int, cols: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row (and column) LSE of ``a_s·Cᵀ`` (a_s = s·A), one tile at a time."""
+def _lse_pass(a_s, c, tile: int, cols: bool, keep_bytes: int = 0):
+    """Row (and column) LSE of ``a_s·Cᵀ`` (a_s = s·A), one tile at a time; and the logit tiles kept
+    for the backward, {(i0, j0): tile}, while they fit in ``keep_bytes``."""
     lse_r = a_s.new_full((a_s.shape[0],), float("-inf"))  # (b,)
     lse_c = a_s.new_full((c.shape[0] if cols else 0,), float("-inf"))  # (N,) or (0,)
     ws = _Workspace(tile, a_s)
+    kept: dict = {}
     for i0, i1 in _spans(a_s.shape[0], tile):
         for j0, j1 in _spans(c.shape[0], tile):
             z, w = ws.views(i1 - i0, j1 - j0)
+            size = (i1 - i0) * (j1 - j0) * z.element_size()
+            if size <= keep_bytes:
+                z = kept[(i0, j0)] = z.new_empty(i1 - i0, j1 - j0)  # neither LSE path writes into z
+                keep_bytes -= size
             torch.mm(a_s[i0:i1], c[j0:j1].T, out=z)  # (tb, tc) logits
             lc = lse_c[j0:j1] if cols else lse_c
             fused = _run_fused(_fused_lse, z, lse_r[i0:i1], lc) if _use_fused(z) else None
@@ -142,7 +153,7 @@ def _lse_pass(a_s, c, tile: int, cols: bool) -> Tuple[torch.Tensor, torch.Tensor
             torch.logaddexp(lse_r[i0:i1], _tile_lse(z, 1, w), out=lse_r[i0:i1])
             if cols:
                 torch.logaddexp(lse_c[j0:j1], _tile_lse(z, 0, w), out=lse_c[j0:j1])
-    return lse_r, lse_c
+    return lse_r, lse_c, kept
 
 
 def _tile_grad(z, p, lse_r, g_r, lse_c, g_c) -> torch.Tensor:
@@ -154,8 +165,10 @@ def _tile_grad(z, p, lse_r, g_r, lse_c, g_c) -> torch.Tensor:
     return p
 
 
-def _grad_pass(a, c, s, lse_r, g_r, lse_c, g_c, tile: int, need_c: bool):
-    """(G·C, Gᵀ·A) accumulated tile by tile with the logits recomputed; no s factor yet."""
+def _grad_pass(a, c, s, lse_r, g_r, lse_c, g_c, tile: int, need_c: bool, kept: Optional[dict] = None):
+    """(G·C, Gᵀ·A) accumulated tile by tile with the logits recomputed (or taken, and freed, from the
+    forward's ``kept`` tiles); no s factor yet."""
+    kept = {} if kept is None else kept
     a_s = a * s
     ga = torch.zeros_like(a)  # (b, D)
     gc = torch.zeros_like(c) if need_c else None  # (N, D)
@@ -163,7 +176,10 @@ def _grad_pass(a, c, s, lse_r, g_r, lse_c, g_c, tile: int, need_c: bool):
     for i0, i1 in _spans(a.shape[0], tile):
         for j0, j1 in _spans(c.shape[0], tile):
             z, p = ws.views(i1 - i0, j1 - j0)
-            torch.mm(a_s[i0:i1], c[j0:j1].T, out=z)
+            if (i0, j0) in kept:
+                z = kept.pop((i0, j0))  # the forward's logits: what the matmul would give again
+            else:
+                torch.mm(a_s[i0:i1], c[j0:j1].T, out=z)
             gcol = None if g_c is None else g_c[j0:j1]
             lcol = None if g_c is None else lse_c[j0:j1]
             fused = None
@@ -179,10 +195,10 @@ def _grad_pass(a, c, s, lse_r, g_r, lse_c, g_c, tile: int, need_c: bool):
 
 class _TiledLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, c, scale, tile: int, cols: bool):
+    def forward(ctx, a, c, scale, tile: int, cols: bool, keep_bytes: int):
         dt = _compute_dtype(a)
         s = scale.to(dt)
-        lse_r, lse_c = _lse_pass(a.to(dt) * s, c.to(dt), tile, cols)
+        lse_r, lse_c, ctx.kept = _lse_pass(a.to(dt) * s, c.to(dt), tile, cols, keep_bytes)
         ctx.save_for_backward(a, c, scale, lse_r, lse_c)
         ctx.tile = tile
         ctx.set_materialize_grads(False)
@@ -194,22 +210,25 @@ class _TiledLSE(torch.autograd.Function):
         if g_c is not None and g_c.numel() == 0:
             g_c = None
         if g_r is None and g_c is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         dt = lse_r.dtype
         a32, c32, s = a.to(dt), c.to(dt), scale.to(dt)
         g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(dt)  # only the column LSE was used
-        ga, gc = _grad_pass(a32, c32, s, lse_r, g_r, lse_c, g_c, ctx.tile, ctx.needs_input_grad[1])
+        ga, gc = _grad_pass(a32, c32, s, lse_r, g_r, lse_c, g_c, ctx.tile, ctx.needs_input_grad[1], ctx.kept)
+        ctx.kept = None
         d_scale = torch.dot(a32.reshape(-1), ga.reshape(-1)).reshape(scale.shape).to(scale.dtype)
         d_a = ga.mul_(s).to(a.dtype)
         d_c = gc.mul_(s).to(c.dtype) if gc is not None else None
-        return d_a, d_c, d_scale, None, None
+        return d_a, d_c, d_scale, None, None, None
 
 
-def tiled_lse(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, tile: int, cols: bool = False):
-    """(lse_row (b,), lse_col (N,) or (0,)) of s·A·Cᵀ, differentiable in A, C and s."""
+def tiled_lse(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, tile: int, cols: bool = False,
+              keep_bytes: int = 0):
+    """(lse_row (b,), lse_col (N,) or (0,)) of s·A·Cᵀ, differentiable in A, C and s; ``keep_bytes``:
+    logit tiles kept from the forward for the backward (module doc, "Kept tiles")."""
     if tile < 1:
         raise ValueError(f"tile size must be >= 1, got {tile}")
-    return _TiledLSE.apply(a, c, scale, tile, cols)
+    return _TiledLSE.apply(a, c, scale, tile, cols, int(keep_bytes))
 
 
 def _smoothing_mean(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -217,12 +236,12 @@ def _smoothing_mean(a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> to
     return (scale * (a.mean(0) * c.mean(0)).sum()).squeeze()
 
 
-def symmetric_infonce(x, y, scale, tile: int, label_smoothing: float = 0.0) -> torch.Tensor:
+def symmetric_infonce(x, y, scale, tile: int, label_smoothing: float = 0.0, keep_bytes: int = 0) -> torch.Tensor:
     """Single process: ½[CE(s·X·Yᵀ) + CE(s·Y·Xᵀ)], both directions from the same tiles.
 
     x, y: (N, D) with x_i ↔ y_i positives; s·Y·Xᵀ = (s·X·Yᵀ)ᵀ, so its row LSE is the
     column LSE of s·X·Yᵀ."""
-    lse_r, lse_c = tiled_lse(x, y, scale, tile, cols=True)  # (N,), (N,)
+    lse_r, lse_c = tiled_lse(x, y, scale, tile, cols=True, keep_bytes=keep_bytes)  # (N,), (N,)
     pos = (scale * (x * y).sum(1)).mean()  # mean_i z_ii, the same in both directions
     loss = 0.5 * (lse_r.mean() + lse_c.mean()) - (1.0 - label_smoothing) * pos
     if label_smoothing:
@@ -230,12 +249,12 @@ def symmetric_infonce(x, y, scale, tile: int, label_smoothing: float = 0.0) -> t
     return loss
 
 
-def rows_infonce(a, pos, c_all, scale, tile: int, label_smoothing: float = 0.0) -> torch.Tensor:
+def rows_infonce(a, pos, c_all, scale, tile: int, label_smoothing: float = 0.0, keep_bytes: int = 0) -> torch.Tensor:
     """One direction: mean_i CE(s·a_i·C_allᵀ, positive s·a_i·pos_i).
 
     a, pos: (b, D) this rank's rows and their partners; c_all: (N, D) every column,
     gathered outside so that the differentiable gather's reduce-scatter applies."""
-    lse_r, _ = tiled_lse(a, c_all, scale, tile)  # (b,)
+    lse_r, _ = tiled_lse(a, c_all, scale, tile, keep_bytes=keep_bytes)  # (b,)
     loss = lse_r.mean() - (1.0 - label_smoothing) * (scale * (a * pos).sum(1)).mean()
     if label_smoothing:
         loss = loss - label_smoothing * _smoothing_mean(a, c_all, scale)
