@@ -95,7 +95,9 @@ class Trainer:
         model = create_model(cfg.model).to(self.device)
         self.tokenizer = build_tokenizer(cfg.model, model)
         self.train_transform, self.eval_transform = build_transforms(cfg.model, model, aug=cfg.data.aug)
-        per_sample, per_batch = self._train_image_transforms()
+        # uint8 per sample, float per batch (TrainTransform.split); no image tower: no transform
+        self.train_image_parts = self.train_transform.split() if self.train_transform is not None else (None, None)
+        per_sample, per_batch = self.train_image_parts
         self.data = TrainData(cfg.data.train, cfg.data, image_transform=per_sample, batch_transform=per_batch,
                               tokenizer=self.tokenizer, rank=self.info.rank, world_size=self.info.world_size,
                               seed=cfg.run.seed)
@@ -142,16 +144,10 @@ class Trainer:
         self.data.next_epoch()
         self.state.epoch = self.data.epoch
 
-    def _train_image_transforms(self):
-        """The train transform as (per sample, per batch): its two parts where it splits (uint8 samples,
-        normalized per batch: ``TrainTransform.split``), else (the whole transform, None)."""
-        split = self.train_transform.split() if self.train_transform is not None else None
-        return split if split is not None else (self.train_transform, None)
-
     def train_loader(self, epoch: int, seed: Optional[int] = None):
         """One more pass over this rank's share of data.train (train transforms, shuffled by epoch),
         beside the training stream (a continual run fills its replay memory with it)."""
-        per_sample, per_batch = self._train_image_transforms()
+        per_sample, per_batch = self.train_image_parts
         return build_loader(
             self.cfg.data.train,
             self.cfg.data,
