@@ -25,7 +25,9 @@ def test_bench_e2e_json(capsys):
     assert r["checkpoints_saved"] == 2  # steps 2 and 4
     b = r["breakdown_s"]
     assert {"step_in_fit", "data_wait", "logging", "checkpoints", "eval", "rest"} == b.keys()
-    assert b["step_in_fit"] > 0 and b["checkpoints"] > 0 and b["eval"] == 0.0
+    # eval off: the trainer's eval call returns at once; its wall clock can still read a scheduler tick
+    # (0.001 s was seen on a loaded 2-core machine), while any real evaluation takes seconds
+    assert b["step_in_fit"] > 0 and b["checkpoints"] > 0 and b["eval"] < 0.05
 
 
 def test_bench_e2e_bad_input(capsys, tmp_path):
